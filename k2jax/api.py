@@ -1,0 +1,83 @@
+"""The functional entry points: parameters, logits and the cached (absorbed-MLA) forward."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax import quant
+from k2jax.attention import LatentCache
+from k2jax.config import ModelConfig
+from k2jax.model import Transformer
+
+
+def _boxed_init(config: ModelConfig, key: jax.Array):
+    tokens = jnp.zeros((1, 1), jnp.int32)
+    return Transformer(config).init(key, tokens)["params"]
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config: ModelConfig, key: jax.Array):
+    return nn.unbox(_boxed_init(config, key))
+
+
+def init_params(config: ModelConfig, key: jax.Array):
+    """A random parameter tree (see `k2jax.model` for its layout)."""
+    return _init(config, key)
+
+
+def param_shapes(config: ModelConfig):
+    """The abstract parameter tree: `jax.ShapeDtypeStruct` leaves, no memory allocated."""
+    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
+
+
+def param_axes(config: ModelConfig):
+    """Logical axis names of every parameter leaf, as a tree of tuples matching the params.
+
+    A `QuantizedWeight` gets the same names for its `values` and `scale`.
+    """
+    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+
+    def names(box):
+        value = box.value
+        if isinstance(value, quant.QuantizedWeight):
+            return quant.QuantizedWeight(box.names, box.names)
+        return box.names
+
+    return jax.tree.map(names, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def logits(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt=None,
+           segment_ids_bt=None) -> jax.Array:
+    """float32 logits `[B, T, V]` of int32 `tokens [B, T]` (positions `0..T-1` by default)."""
+    out, _, _ = Transformer(config).apply({"params": params}, tokens_bt, positions_bt,
+                                          segment_ids_bt)
+    return out
+
+
+def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
+    """An empty latent cache: per stack, `ckv [L, B, S, C]` and `kpe [L, B, S, R]`."""
+    cache = {}
+    for stack, count in (("dense_layers", config.num_dense_layers),
+                         ("moe_layers", config.num_moe_layers)):
+        if count:
+            cache[stack] = LatentCache(
+                jnp.zeros((count, batch, max_len, config.kv_lora_rank), dtype),
+                jnp.zeros((count, batch, max_len, config.qk_rope_head_dim), dtype))
+    return cache
+
+
+def forward_cached(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt: jax.Array,
+                   cache):
+    """Absorbed-MLA forward that writes `tokens` into `cache` at `positions` and attends to
+    every cached slot at or before each query's position.
+
+    Serves prefill (T = prompt length) and decode (T = 1) alike.
+    Returns float32 logits `[B, T, V]` and the updated cache.
+    """
+    out, new_cache, _ = Transformer(config).apply({"params": params}, tokens_bt, positions_bt,
+                                                  None, cache)
+    return out, new_cache

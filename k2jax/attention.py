@@ -1,0 +1,166 @@
+"""Multi-head latent attention (MLA) in its two equal forms.
+
+Expanded (training, cache-less forward): the latent `c_kv` is up-projected by `kv_b_proj` into
+per-head keys and values, then ordinary attention. Absorbed (decode with a cache): `kv_b_proj`'s
+key half is folded into the query and its value half applied after attention, so keys and values
+are never materialised and the cache holds only `c_kv [C]` and the roped shared key `k_pe [R]`
+per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax import quant, rotary
+from k2jax.config import ModelConfig
+from k2jax.layers import Linear, RMSNorm
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros rather than NaN
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LatentCache:
+    """Absorbed-MLA cache of one stack of layers.
+
+    ckv: `[L, B, S, C]` normalised KV latent. kpe: `[L, B, S, R]` rotated shared rope key.
+    """
+
+    ckv: jax.Array
+    kpe: jax.Array
+
+
+def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
+    """Causal (by position) and same-segment mask `[B, T, 1, S]` (broadcast over heads)."""
+    mask = kv_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
+    if q_seg_bt is not None:
+        mask &= q_seg_bt[:, :, None] == kv_seg_bs[:, None, :]
+    return mask[:, :, None, :]
+
+
+def masked_softmax(scores_btns, mask_bt1s):
+    scores = jnp.where(mask_bt1s, scores_btns.astype(jnp.float32), NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1)
+    return jnp.where(mask_bt1s, probs, 0.0)
+
+
+class MLAttention(nn.Module):
+    """MLA block: `x [B, T, D] -> [B, T, D]` (plus the updated layer cache when given one)."""
+
+    config: ModelConfig
+    qat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        d, n, h, r, u = (cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
+                      cfg.v_head_dim)
+        dtype = jnp.dtype(cfg.dtype)
+        linear = lambda in_features, features, axes: Linear(  # noqa: E731
+            in_features, features, axes, dtype=dtype, param_dtype=dtype,
+            quantized=cfg.is_quantized("attention"), qat=self.qat,
+            group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
+        norm = lambda: RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=dtype)  # noqa: E731
+        if cfg.q_lora_rank:
+            self.q_a_proj = linear(d, cfg.q_lora_rank, ("embed", "q_lora"))
+            self.q_a_layernorm = norm()
+            self.q_b_proj = linear(cfg.q_lora_rank, n * (h + r), ("q_lora", "heads"))
+        else:
+            self.q_proj = linear(d, n * (h + r), ("embed", "heads"))
+        self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + r, ("embed", "kv_lora"))
+        self.kv_a_layernorm = norm()
+        self.kv_b_proj = linear(cfg.kv_lora_rank, n * (h + u), ("kv_lora", "heads"))
+        self.o_proj = linear(n * u, d, ("heads", "embed"))
+
+    def _queries(self, x_btd, cos, sin):
+        cfg = self.config
+        if cfg.q_lora_rank:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_btd)))
+        else:
+            q = self.q_proj(x_btd)
+        q_btnk = q.reshape(*x_btd.shape[:2], cfg.num_attention_heads, cfg.qk_head_dim)
+        q_nope_btnh, q_pe_btnr = jnp.split(q_btnk, [cfg.qk_nope_head_dim], axis=-1)
+        return q_nope_btnh, rotary.apply_rotary(q_pe_btnr, cos, sin)
+
+    def _latent(self, x_btd, cos, sin):
+        """The per-token cache entry: normalised `c_kv [B, T, C]`, rotated `k_pe [B, T, R]`."""
+        kv = self.kv_a_proj_with_mqa(x_btd)
+        ckv_btc, k_pe_btr = jnp.split(kv, [self.config.kv_lora_rank], axis=-1)
+        k_pe_btr = rotary.apply_rotary(k_pe_btr[:, :, None, :], cos, sin)[:, :, 0, :]
+        return self.kv_a_layernorm(ckv_btc), k_pe_btr
+
+    def _kv_b_heads(self):
+        """`kv_b_proj` as per-head key and value maps `[C, N, H]`, `[C, N, U]`."""
+        cfg = self.config
+        kernel = self.kv_b_proj.weight()
+        if isinstance(kernel, quant.QuantizedWeight):
+            kernel = quant.dequantize(kernel, jnp.dtype(cfg.dtype))
+        kernel_cnk = kernel.astype(cfg.dtype).reshape(
+            cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        return jnp.split(kernel_cnk, [cfg.qk_nope_head_dim], axis=-1)
+
+    def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
+        """Args:
+          x_btd: `[B, T, D]` normalised hidden states.
+          positions_bt: int32 `[B, T]` absolute positions (cache slots when `cache` is given).
+          segment_ids_bt: optional `[B, T]` ids of packed documents (cache-less form only).
+          cache: optional `LatentCache` of this layer (`ckv [B, S, C]`, `kpe [B, S, R]`);
+            selects the absorbed form and writes this step's entries at `positions_bt`.
+        Returns:
+          `[B, T, D]`, and the updated `LatentCache` (None without one).
+        """
+        cfg = self.config
+        cos, sin = rotary.cos_sin(cfg, positions_bt)
+        q_nope_btnh, q_pe_btnr = self._queries(x_btd, cos, sin)
+        ckv_btc, k_pe_btr = self._latent(x_btd, cos, sin)
+        if cache is None:
+            out_btnu = self._expanded(q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt,
+                                      segment_ids_bt)
+            new_cache = None
+        else:
+            if segment_ids_bt is not None:
+                raise ValueError("segment_ids are for packed training batches, not cached decode")
+            out_btnu, new_cache = self._absorbed(q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr,
+                                                 positions_bt, cache)
+        out = self.o_proj(out_btnu.reshape(*out_btnu.shape[:2], -1))
+        return out, new_cache
+
+    def _expanded(self, q_nope_btnh, q_pe_btnr, ckv_bsc, k_pe_bsr, positions_bt, segment_ids_bt):
+        cfg = self.config
+        kv_bsnk = self.kv_b_proj(ckv_bsc).reshape(
+            *ckv_bsc.shape[:2], cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+        k_nope_bsnh, v_bsnu = jnp.split(kv_bsnk, [cfg.qk_nope_head_dim], axis=-1)
+        q_btnk = jnp.concatenate([q_nope_btnh, q_pe_btnr], axis=-1)
+        k_pe_bsnr = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope_bsnh.shape[:3],
+                                                               cfg.qk_rope_head_dim))
+        k_bsnk = jnp.concatenate([k_nope_bsnh, k_pe_bsnr], axis=-1)
+        scores = jnp.einsum("btnk,bsnk->btns", q_btnk, k_bsnk,
+                            preferred_element_type=jnp.float32) * cfg.softmax_scale
+        mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
+        probs = masked_softmax(scores, mask).astype(v_bsnu.dtype)
+        return jnp.einsum("btns,bsnu->btnu", probs, v_bsnu)
+
+    def _absorbed(self, q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt, cache):
+        cfg = self.config
+        ckv_bsc, kpe_bsr = cache.ckv, cache.kpe
+        batch_idx = jnp.arange(ckv_bsc.shape[0])[:, None]
+        ckv_bsc = ckv_bsc.at[batch_idx, positions_bt].set(ckv_btc.astype(ckv_bsc.dtype),
+                                                          mode="drop")
+        kpe_bsr = kpe_bsr.at[batch_idx, positions_bt].set(k_pe_btr.astype(kpe_bsr.dtype),
+                                                          mode="drop")
+        w_uk_cnh, w_uv_cnu = self._kv_b_heads()
+        dtype = q_nope_btnh.dtype
+        ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
+        q_latent_btnc = jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh)
+        scores = (jnp.einsum("btnc,bsc->btns", q_latent_btnc, ckv,
+                             preferred_element_type=jnp.float32)
+                  + jnp.einsum("btnr,bsr->btns", q_pe_btnr, kpe,
+                               preferred_element_type=jnp.float32)) * cfg.softmax_scale
+        kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv.shape[1]), ckv.shape[:2])
+        probs = masked_softmax(scores, attention_mask(positions_bt, kv_pos_bs)).astype(dtype)
+        out_latent_btnc = jnp.einsum("btns,bsc->btnc", probs, ckv)
+        return (jnp.einsum("btnc,cnu->btnu", out_latent_btnc, w_uv_cnu),
+                LatentCache(ckv_bsc, kpe_bsr))

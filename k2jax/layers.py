@@ -1,0 +1,146 @@
+"""Building blocks where parameters meet activations: Linear, Embed, RMSNorm.
+
+`Linear` is the one place a weight multiplies an activation. It carries the weight's logical axis
+names and the quantization hook: its kernel is a `[in, out]` array or an INT4 `QuantizedWeight`,
+and `qat` (set by training) fake-quantizes a float kernel in the forward.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax import quant
+
+Axes = tuple[str | None, ...]
+
+
+def dtype_of(name: str):
+    return jnp.dtype(name)
+
+
+def param_with_axes(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...],
+                    dtype, axes: Axes):
+    """Declares a parameter whose logical axis names are recorded for sharding."""
+    return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+def normal_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+def quantized_init(std: float, group_size: int):
+    """Initialiser of a random INT4 `QuantizedWeight [..., in, out]`."""
+
+    def init(key, shape, dtype):
+        del dtype  # The scale dtype is the format's bf16.
+        return quant.quantize(jax.random.normal(key, shape, jnp.float32) * std, group_size)
+
+    return init
+
+
+def fake_quant_or_identity(kernel, qat_group_size: int | None):
+    """Fake INT4 quantization of a float kernel with a straight-through gradient (QAT)."""
+    if qat_group_size is None or isinstance(kernel, quant.QuantizedWeight):
+        return kernel
+    return quant.fake_quantize(kernel, qat_group_size)
+
+
+class Linear(nn.Module):
+    """`y[..., out] = x[..., in] @ kernel[in, out]`, the kernel dense or INT4.
+
+    Attributes:
+      in_features, features: kernel shape `[in_features, features]`.
+      axes: logical names of the kernel's (in, out) axes.
+      quantized: store the kernel as an INT4 `QuantizedWeight` (group `group_size`).
+      qat: fake-quantize a float kernel in the forward (straight-through gradient).
+    """
+
+    in_features: int
+    features: int
+    axes: Axes
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.bfloat16
+    quantized: bool = False
+    qat: bool = False
+    group_size: int = 32
+    init_std: float = 0.02
+
+    def setup(self):
+        init = (quantized_init(self.init_std, self.group_size) if self.quantized
+                else normal_init(self.init_std))
+        self.kernel = param_with_axes(self, "kernel", init, (self.in_features, self.features),
+                                      self.param_dtype, self.axes)
+
+    def weight(self):
+        """The kernel as the forward sees it (fake-quantized under QAT)."""
+        return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
+
+    def __call__(self, x):
+        return quant.matmul(x.astype(self.dtype), self.weight(), self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table `[V, D]`."""
+
+    num_embeddings: int
+    features: int
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.bfloat16
+    init_std: float = 0.02
+
+    @nn.compact
+    def __call__(self, tokens_bt):
+        table_vd = param_with_axes(self, "embedding", normal_init(self.init_std),
+                                   (self.num_embeddings, self.features), self.param_dtype,
+                                   ("vocab", "embed"))
+        return jnp.take(table_vd, tokens_bt, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in float32, the result cast back before the weight, as HF does."""
+
+    eps: float = 1e-6
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.bfloat16
+
+    @nn.compact
+    def __call__(self, x):
+        scale = param_with_axes(self, "scale", nn.initializers.ones, (x.shape[-1],),
+                                self.param_dtype, ("norm",))
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return scale.astype(self.dtype) * normed.astype(self.dtype)
+
+
+class ExpertLinear(nn.Module):
+    """Per-expert linears over expert-sorted rows: `x [M, in]`, `kernel [E, in, out]`.
+
+    Rows are grouped by expert (`group_sizes [E]`, summing to at most M); each group is
+    multiplied by its expert's kernel with a grouped matmul, never a dense one-hot.
+    """
+
+    num_experts: int
+    in_features: int
+    features: int
+    axes: Axes
+    dtype: jnp.dtype = jnp.bfloat16
+    param_dtype: jnp.dtype = jnp.bfloat16
+    quantized: bool = False
+    qat: bool = False
+    group_size: int = 32
+    init_std: float = 0.02
+
+    def setup(self):
+        init = (quantized_init(self.init_std, self.group_size) if self.quantized
+                else normal_init(self.init_std))
+        self.kernel = param_with_axes(
+            self, "kernel", init, (self.num_experts, self.in_features, self.features),
+            self.param_dtype, self.axes)
+
+    def __call__(self, x_mk, group_sizes_e):
+        kernel = fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
+        return quant.grouped_matmul(x_mk.astype(self.dtype), kernel, group_sizes_e, self.dtype)

@@ -1,0 +1,113 @@
+"""The decoder: embedding, `first_k_dense_replace` dense layers, MoE layers, norm, lm_head.
+
+Layers of each kind are stacked on a leading `layers` axis and run under `nn.scan`, so 61
+layers compile as two loop bodies. The parameter tree (the checkpoint format):
+
+    embed_tokens/embedding                         [V, D]
+    dense_layers/  (stacked [L_dense, ...])        input_layernorm, self_attn, post_attention_layernorm,
+                                                   mlp/{gate,up,down}_proj
+    moe_layers/    (stacked [L_moe, ...])          input_layernorm, self_attn, post_attention_layernorm,
+                                                   mlp/gate/{kernel, e_score_correction_bias},
+                                                   mlp/experts/{gate,up,down}_proj/kernel [E, in, out],
+                                                   mlp/shared_experts/{gate,up,down}_proj
+    norm/scale                                     [D]
+    lm_head/kernel                                 [D, V]
+
+    self_attn: q_a_proj, q_a_layernorm, q_b_proj (or q_proj), kv_a_proj_with_mqa,
+               kv_a_layernorm, kv_b_proj, o_proj; every linear is `{kernel: [in, out]}`.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from k2jax.attention import MLAttention
+from k2jax.config import ModelConfig
+from k2jax.layers import Embed, Linear, RMSNorm
+from k2jax.moe import MLP, MoE
+
+ACTIVATION_AXES = ("batch", "length", "embed")
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: `x + attn(norm(x))`, then `+ ffn(norm(.))` (dense MLP or MoE)."""
+
+    config: ModelConfig
+    moe: bool
+    qat: bool = False
+
+    @nn.compact
+    def __call__(self, x_btd, layer_cache, positions_bt, segment_ids_bt):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        x_btd = nn.with_logical_constraint(x_btd, ACTIVATION_AXES)
+        norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, dtype, name=name)  # noqa: E731
+        attn_out, layer_cache = MLAttention(cfg, self.qat, name="self_attn")(
+            norm("input_layernorm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
+        x_btd = x_btd + attn_out
+        h = norm("post_attention_layernorm")(x_btd)
+        if self.moe:
+            ffn_out, expert_load_e = MoE(cfg, self.qat, name="mlp")(h)
+        else:
+            ffn_out = MLP(cfg, cfg.intermediate_size, "dense_mlp", self.qat, name="mlp")(h)
+            expert_load_e = jnp.zeros((0,), jnp.int32)
+        return x_btd + ffn_out, (layer_cache, expert_load_e)
+
+
+def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
+                remat_policy: str | None, name: str) -> nn.Module:
+    """`num_layers` identical decoder layers, parameters stacked on axis 0, run by `scan`.
+
+    Called as `(x_btd, stack_cache, positions_bt, segment_ids_bt) -> (x_btd, (cache, load))`.
+    """
+    layer = DecoderLayer
+    if remat_policy is not None:
+        layer = nn.remat(layer, prevent_cse=False,
+                         policy=getattr(jax.checkpoint_policies, remat_policy))
+    scanned = nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast),
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    return scanned(config, moe, qat, name=name)
+
+
+class Transformer(nn.Module):
+    """`tokens [B, T] -> (logits [B, T, V] float32, caches, expert_load [L_moe, E])`."""
+
+    config: ModelConfig
+    qat: bool = False
+    remat_policy: str | None = None
+
+    @nn.compact
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        if positions_bt is None:
+            positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
+        x_btd = Embed(cfg.vocab_size, cfg.hidden_size, dtype, dtype, cfg.initializer_range,
+                      name="embed_tokens")(tokens_bt)
+        cache = cache or {}
+        new_cache, expert_load = {}, None
+        for stack, count, is_moe in (("dense_layers", cfg.num_dense_layers, False),
+                                     ("moe_layers", cfg.num_moe_layers, True)):
+            if count == 0:
+                continue
+            x_btd, (stack_cache, load_le) = layer_stack(
+                cfg, count, is_moe, self.qat, self.remat_policy, name=stack)(
+                x_btd, cache.get(stack), positions_bt, segment_ids_bt)
+            new_cache[stack] = stack_cache
+            if is_moe:
+                expert_load = load_le
+        x_btd = RMSNorm(cfg.rms_norm_eps, dtype, dtype, name="norm")(x_btd)
+        head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
+                      param_dtype=dtype, quantized=cfg.is_quantized("lm_head"), qat=self.qat,
+                      group_size=cfg.quant_group_size, init_std=cfg.initializer_range,
+                      name="lm_head")
+        logits = head(x_btd).astype(jnp.float32)
+        return logits, (new_cache if cache else None), expert_load

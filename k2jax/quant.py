@@ -1,0 +1,97 @@
+"""The INT4 weight format: `QuantizedWeight(values int4 [..., in, out], scale [..., in/g, out])`.
+
+Symmetric, group `g` (32 for K2 Thinking) along the input dimension, `w = values * scale` per
+group. Rounding is compressed-tensors': `scale = max|w| / 7.5`, `q = clip(round(w / scale), -8, 7)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+INT4_MIN, INT4_MAX = -8, 7
+# compressed-tensors divides the group's absmax by (qmax - qmin) / 2 = 7.5, not by 7 or 8.
+_SCALE_DIVISOR = (INT4_MAX - INT4_MIN) / 2
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """INT4 weight: `values` int4 `[..., in, out]`, `scale` `[..., in/group, out]`."""
+
+    values: jax.Array
+    scale: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.values.shape)
+
+    @property
+    def group_size(self) -> int:
+        return self.values.shape[-2] // self.scale.shape[-2]
+
+
+def quantize(w: jax.Array, group_size: int = 32, scale_dtype=jnp.bfloat16) -> QuantizedWeight:
+    """Round-to-nearest symmetric INT4 of `w [..., in, out]`, groups along `in`."""
+    *lead, din, dout = w.shape
+    if din % group_size:
+        raise ValueError(f"input dim {din} of weight {tuple(w.shape)} is not a multiple of "
+                         f"group_size={group_size}")
+    w_grouped = w.astype(jnp.float32).reshape(*lead, din // group_size, group_size, dout)
+    absmax = jnp.max(jnp.abs(w_grouped), axis=-2)
+    # The scale is rounded to its storage dtype first and the values are computed against the
+    # rounded scale, so dequantize(quantize(w)) is what an exported checkpoint reproduces.
+    scale = (absmax / _SCALE_DIVISOR).astype(scale_dtype)
+    safe = jnp.where(scale == 0, 1, scale).astype(jnp.float32)
+    q = jnp.clip(jnp.round(w_grouped / safe[..., None, :]), INT4_MIN, INT4_MAX)
+    return QuantizedWeight(q.reshape(w.shape).astype(jnp.int4), scale)
+
+
+def dequantize(qw: QuantizedWeight, dtype=jnp.bfloat16) -> jax.Array:
+    """`values * scale` broadcast over each group: `[..., in, out]` in `dtype`."""
+    *lead, din, dout = qw.values.shape
+    groups = qw.scale.shape[-2]
+    v = qw.values.astype(jnp.float32).reshape(*lead, groups, din // groups, dout)
+    w = v * qw.scale.astype(jnp.float32)[..., None, :]
+    return w.reshape(*lead, din, dout).astype(dtype)
+
+
+def fake_quantize(w: jax.Array, group_size: int = 32) -> jax.Array:
+    """Quantize-dequantize `w [..., in, out]` with a straight-through gradient (QAT).
+
+    The forward value equals `dequantize(quantize(w))` exactly, so an export of the trained
+    weights reproduces what training saw; the gradient passes through as if unquantized.
+    """
+    snapped = jax.lax.stop_gradient(dequantize(quantize(w, group_size), w.dtype))
+    # `w - stop_gradient(w)` is exactly zero, so the value is bit-identical to `snapped`
+    # (`w + (snapped - w)` would round) while the gradient is the identity.
+    return snapped + (w - jax.lax.stop_gradient(w))
+
+
+def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
+    """`x[..., in] @ w[in, out]` in `dtype`; INT4 weights go through the int4 matmul kernel."""
+    if isinstance(w, QuantizedWeight):
+        from pallas_kernels.int4_matmul import int4_matmul
+
+        lead = x.shape[:-1]
+        y = int4_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), w.values, w.scale)
+        return y.reshape(*lead, w.shape[-1]).astype(dtype)
+    return jnp.einsum("...i,io->...o", x, w.astype(dtype))
+
+
+def grouped_matmul(x_mk: jax.Array, w: jax.Array | QuantizedWeight, group_sizes_e: jax.Array,
+                   dtype) -> jax.Array:
+    """Expert-sorted rows `x [M, in]` times per-expert `w [E, in, out]` -> `[M, out]`."""
+    if isinstance(w, QuantizedWeight):
+        from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
+
+        return grouped_int4_matmul(x_mk.astype(dtype), w.values, w.scale,
+                                   group_sizes_e).astype(dtype)
+    return jax.lax.ragged_dot(x_mk, w.astype(dtype), group_sizes_e,
+                              preferred_element_type=jnp.float32).astype(dtype)
