@@ -143,6 +143,16 @@ class ModelConfig:
         need(not unknown, f"quantized_linears has unknown groups {sorted(unknown)}; "
              f"known: {LINEAR_GROUPS}")
         need(self.quant_group_size > 0, "quant_group_size must be positive")
+        rs = self.rope_scaling
+        if rs is not None:
+            # HF derives YaRN's frequencies from `factor` but DeepSeek-family configs also encode
+            # it as max_position_embeddings / original_max_position_embeddings; disagreeing
+            # values mean the checkpoint was extended inconsistently.
+            implied = self.max_position_embeddings / rs.original_max_position_embeddings
+            need(abs(implied - rs.factor) < 1e-6 * rs.factor,
+                 f"rope_scaling.factor={rs.factor} disagrees with max_position_embeddings / "
+                 f"original_max_position_embeddings = {self.max_position_embeddings} / "
+                 f"{rs.original_max_position_embeddings} = {implied:g}")
         for group in self.quantized_linears:
             for name, in_dim in self._linear_in_dims(group):
                 need(in_dim % self.quant_group_size == 0,
@@ -285,7 +295,19 @@ _IGNORED_HF_KEYS = {
     "tie_word_embeddings", "scoring_func", "topk_method", "rope_scaling", "rope_parameters",
     "rope_theta", "rope_interleave", "quantization_config", "pad_token_id", "seq_aux",
     "aux_loss_alpha", "_name_or_path", "output_router_logits", "router_aux_loss_coef",
-    "head_dim", "mlp_layer_types", "layer_types",
+    "head_dim", "qk_head_dim", "mlp_layer_types", "layer_types", "num_mtp_layers",
+    # Generic PretrainedConfig bookkeeping (transformers 4 and 5).
+    "chunk_size_feed_forward", "id2label", "label2id", "is_encoder_decoder",
+    "output_attentions", "output_hidden_states", "problem_type", "return_dict", "torchscript",
+    "tie_encoder_decoder", "add_cross_attention", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "finetuning_task", "cross_attention_hidden_size",
+    "is_decoder", "pruned_heads", "tf_legacy_loss", "use_bfloat16", "bad_words_ids",
+    "num_beams", "num_beam_groups", "max_length", "min_length", "do_sample", "early_stopping",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "num_return_sequences",
+    "output_scores", "return_dict_in_generate", "forced_bos_token_id", "forced_eos_token_id",
+    "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "diversity_penalty", "output_router_logits",
 }
 
 
@@ -302,6 +324,11 @@ def _fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
     for key, want in checks.items():
         if key in hf and hf[key] != want:
             raise ConfigError(f"{key}={hf[key]!r} is not supported (k2jax implements {want!r})")
+    derived = {"qk_head_dim": hf.get("qk_nope_head_dim", 0) + hf.get("qk_rope_head_dim", 0),
+               "head_dim": hf.get("qk_rope_head_dim")}
+    for key, want in derived.items():
+        if hf.get(key) is not None and hf[key] != want:
+            raise ConfigError(f"{key}={hf[key]} is inconsistent with the head dims (expected {want})")
     heads = hf.get("num_attention_heads")
     if hf.get("num_key_value_heads") not in (None, heads):
         raise ConfigError(f"num_key_value_heads={hf['num_key_value_heads']} must equal "

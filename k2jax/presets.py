@@ -59,7 +59,7 @@ PRESETS = {
         norm_topk_prob=True, routed_scaling_factor=2.5, rope_theta=50000.0,
         rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32,
                                  mscale=1.0, mscale_all_dim=1.0),
-        max_position_embeddings=256, bos_token_id=1, eos_token_id=2),
+        max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
     # ~270M parameters (52M active per token), K2's shape ratios: the default demo and benchmarks.
     "small": ModelConfig(
         vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,
