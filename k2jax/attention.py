@@ -25,13 +25,29 @@ NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros rather than
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LatentCache:
-    """Absorbed-MLA cache of one stack of layers.
+    """Contiguous absorbed-MLA cache of one stack of layers (one layer's slice inside `scan`).
 
     ckv: `[L, B, S, C]` normalised KV latent. kpe: `[L, B, S, R]` rotated shared rope key.
+    Slot `s` of row `b` holds the token at position `s`.
+
+    The attention reads any cache through `write` and `read`, so other layouts (paged) only
+    need these two methods.
     """
 
     ckv: jax.Array
     kpe: jax.Array
+
+    def write(self, positions_bt, ckv_btc, kpe_btr) -> "LatentCache":
+        """Stores this step's entries at their positions (out-of-range positions dropped)."""
+        rows = jnp.arange(self.ckv.shape[0])[:, None]
+        return LatentCache(
+            self.ckv.at[rows, positions_bt].set(ckv_btc.astype(self.ckv.dtype), mode="drop"),
+            self.kpe.at[rows, positions_bt].set(kpe_btr.astype(self.kpe.dtype), mode="drop"))
+
+    def read(self):
+        """`(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])` to attend over."""
+        kv_pos_bs = jnp.broadcast_to(jnp.arange(self.ckv.shape[1]), self.ckv.shape[:2])
+        return self.ckv, self.kpe, kv_pos_bs
 
 
 def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
@@ -145,12 +161,8 @@ class MLAttention(nn.Module):
 
     def _absorbed(self, q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt, cache):
         cfg = self.config
-        ckv_bsc, kpe_bsr = cache.ckv, cache.kpe
-        batch_idx = jnp.arange(ckv_bsc.shape[0])[:, None]
-        ckv_bsc = ckv_bsc.at[batch_idx, positions_bt].set(ckv_btc.astype(ckv_bsc.dtype),
-                                                          mode="drop")
-        kpe_bsr = kpe_bsr.at[batch_idx, positions_bt].set(k_pe_btr.astype(kpe_bsr.dtype),
-                                                          mode="drop")
+        cache = cache.write(positions_bt, ckv_btc, k_pe_btr)
+        ckv_bsc, kpe_bsr, kv_pos_bs = cache.read()
         w_uk_cnh, w_uv_cnu = self._kv_b_heads()
         dtype = q_nope_btnh.dtype
         ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
@@ -159,8 +171,6 @@ class MLAttention(nn.Module):
                              preferred_element_type=jnp.float32)
                   + jnp.einsum("btnr,bsr->btns", q_pe_btnr, kpe,
                                preferred_element_type=jnp.float32)) * cfg.softmax_scale
-        kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv.shape[1]), ckv.shape[:2])
         probs = masked_softmax(scores, attention_mask(positions_bt, kv_pos_bs)).astype(dtype)
         out_latent_btnc = jnp.einsum("btns,bsc->btnc", probs, ckv)
-        return (jnp.einsum("btnc,cnu->btnu", out_latent_btnc, w_uv_cnu),
-                LatentCache(ckv_bsc, kpe_bsr))
+        return jnp.einsum("btnc,cnu->btnu", out_latent_btnc, w_uv_cnu), cache
