@@ -1,0 +1,261 @@
+"""Sharding: the device mesh, the one table of logical-axis rules, and shardings derived from it.
+
+Mesh axes are `MESH_AXES = ("data", "fsdp", "expert", "tensor")`; any may have size 1.
+
+- data:   pure data parallelism; parameters replicated, batch split.
+- fsdp:   batch split, and dense weights split along `embed` (gathered per layer by XLA);
+          routed experts are split over it too, so fsdp x expert form the expert-parallel group.
+- expert: batch split for attention, routed experts split along `E`; tokens travel to their
+          experts with all-to-all (`k2jax.expert_parallel`). Expert weights are never gathered.
+- tensor: attention heads, dense/shared/expert ffn width and vocab split (Megatron style).
+
+API:
+  MESH_AXES, RULES                      the axes and the one rules table (params and activations)
+  parse_mesh_shape(spec) -> dict        "expert=8,tensor=2" or a dict -> sizes of all four axes
+  initialize_distributed(force=None)    `jax.distributed.initialize()` when asked or when the
+                                        environment says this is one of several processes
+  make_mesh(shape, devices=None)        a `Mesh` over all devices (topology-aware order)
+  logical_spec(axes, mesh, *shapes)     logical names -> `PartitionSpec`, keeping only mesh axes
+                                        that divide the dimension in every one of `shapes`
+  param_specs(config, mesh), param_shardings(config, mesh, params=None)
+                                        per-leaf specs / `NamedSharding`s of the parameter tree
+                                        (`QuantizedWeight` values and scale split alike)
+  shard_params(params, config, mesh)    `jax.device_put` onto those shardings
+  optimizer_shardings(opt_state, param_shardings, mesh)
+                                        optax state: params-shaped subtrees sharded like params,
+                                        everything else (step counts) replicated
+  batch_sharding(mesh, shape)           `[B, ...]` inputs (tokens, positions) split over batch
+  cache_shardings(cache, mesh)          `LatentCache` leaves `[L, B, S, C]` split over batch
+  activate(mesh)                        context manager: the mesh (`jax.set_mesh`) and `RULES`
+                                        for `nn.with_logical_constraint`; also what makes the
+                                        MoE layer run expert-parallel
+  active_mesh()                         the current (abstract) mesh, or None
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from typing import Mapping
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from k2jax import quant
+
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
+
+# (logical name, mesh axes), in priority order: flax assigns each array dimension the first rule
+# whose mesh axes are still free in that array. So `batch` (listed first) takes fsdp in
+# activations `[B, T, D]` and `embed` falls back to unsharded there, while weights, which have no
+# batch dimension, get `embed` split over fsdp. Routed experts take fsdp for `E`, which keeps
+# their `embed` whole: splitting it would make every step gather the experts.
+RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("length", None),
+    ("cache_length", None),
+    ("expert", ("fsdp", "expert")),
+    ("expert_mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("q_lora", None),
+    ("kv_lora", None),
+    ("router", None),
+    ("norm", None),
+    ("layers", None),
+)
+
+CACHE_AXES = ("layers", "batch", "cache_length", "kv_lora")
+
+
+def parse_mesh_shape(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """`"expert=8,tensor=2"` (or `{"expert": 8, "tensor": 2}`) -> sizes of all of `MESH_AXES`."""
+    if spec is None or spec == "":
+        sizes: dict[str, int] = {}
+    elif isinstance(spec, str):
+        sizes = {}
+        for part in spec.split(","):
+            m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", part)
+            if not m:
+                raise ValueError(f"mesh {spec!r}: expected comma-separated axis=size, e.g. "
+                                 f"'expert=8,tensor=2'")
+            if m.group(1) in sizes:
+                raise ValueError(f"mesh {spec!r}: axis {m.group(1)!r} given twice")
+            sizes[m.group(1)] = int(m.group(2))
+    else:
+        sizes = dict(spec)
+    unknown = set(sizes) - set(MESH_AXES)
+    if unknown:
+        raise ValueError(f"mesh axes {sorted(unknown)} unknown; the axes are {MESH_AXES}")
+    bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
+    if bad:
+        raise ValueError(f"mesh axis sizes must be positive ints, got {bad}")
+    return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def _multi_process_env() -> bool:
+    """Whether a launcher started several processes of this program (SLURM, MPI, TPU pods)."""
+    env = os.environ
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return True
+    for key in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        if int(env.get(key, "1") or 1) > 1:
+            return True
+    return "," in env.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed(force: bool | None = None) -> bool:
+    """Starts `jax.distributed` (once, before any device is touched) when `force` is True or,
+    with `force=None`, when the environment shows several processes. Returns whether it runs."""
+    if jax.distributed.is_initialized():
+        return True
+    if force is False or (force is None and not _multi_process_env()):
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def make_mesh(shape: str | Mapping[str, int] | None = None, devices=None,
+              distributed: bool | None = None) -> Mesh:
+    """A mesh with axes `MESH_AXES` over `devices` (all global devices by default).
+
+    Unnamed axes have size 1. Devices are ordered by `jax.make_mesh`, which lays the trailing
+    axes (tensor, then expert) over the closest devices of a TPU/GPU topology. Axes are `Auto`,
+    so XLA propagates shardings between the constraints the model sets.
+    """
+    initialize_distributed(distributed)
+    sizes = parse_mesh_shape(shape)
+    devices = list(jax.devices() if devices is None else devices)
+    total = math.prod(sizes.values())
+    if total != len(devices):
+        raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are available")
+    return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
+                         axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def _axis_size(mesh, name: str) -> int:
+    return dict(zip(mesh.axis_names, mesh.axis_sizes)).get(name, 1)
+
+
+def logical_spec(axes, mesh, *shapes) -> PartitionSpec:
+    """Logical axis names -> `PartitionSpec` on `mesh`, by `RULES`.
+
+    With `shapes`, each dimension keeps (in order) only the mesh axes of size > 1 whose combined
+    size divides that dimension in every shape, so any batch size or a `QuantizedWeight`'s
+    coarser scale gets a valid, consistent spec instead of an error or padding.
+    """
+    spec = nn.logical_to_mesh_axes(tuple(axes), RULES)
+    out = []
+    for dim, entry in enumerate(spec):
+        names = () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+        kept, size = [], 1
+        for name in names:
+            n = _axis_size(mesh, name)
+            if n == 1 or name not in mesh.axis_names:
+                continue
+            if all(shape[dim] % (size * n) == 0 for shape in shapes):
+                kept.append(name)
+                size *= n
+        out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+    return PartitionSpec(*out)
+
+
+def _is_axes(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
+
+
+def param_specs(config, mesh, params=None):
+    """`PartitionSpec` of every parameter leaf (`params` defaults to `k2jax.param_shapes`)."""
+    from k2jax import api  # the model imports this module; import the API on use
+
+    axes = api.param_axes(config)
+    params = api.param_shapes(config) if params is None else params
+
+    def leaf_spec(names, leaf):
+        if isinstance(leaf, quant.QuantizedWeight):
+            spec = logical_spec(names.values, mesh, leaf.values.shape, leaf.scale.shape)
+            return quant.QuantizedWeight(spec, spec)
+        return logical_spec(names, mesh, leaf.shape)
+
+    return jax.tree.map(leaf_spec, axes, params,
+                        is_leaf=lambda x: _is_axes(x) or isinstance(x, quant.QuantizedWeight))
+
+
+def param_shardings(config, mesh, params=None):
+    """`NamedSharding` of every parameter leaf, for `jax.jit(in_shardings=...)` and
+    `jax.device_put`. `params` (arrays or `ShapeDtypeStruct`s) overrides the config's own leaf
+    types, e.g. a float tree for a quantized config under QAT."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, params),
+                        is_leaf=lambda x: isinstance(x, PartitionSpec))
+
+
+def shard_params(params, config, mesh):
+    """Places `params` on `mesh` according to `RULES`."""
+    return jax.device_put(params, param_shardings(config, mesh, params))
+
+
+def optimizer_shardings(opt_state, shardings, mesh):
+    """Shardings for an optax state (arrays or `jax.eval_shape(tx.init, params)`).
+
+    Every subtree with the parameters' tree structure (AdamW's `mu`, `nu`, a master copy) is
+    sharded like the parameters; the remaining leaves (step counts, scalars) are replicated.
+    """
+    params_def = jax.tree.structure(shardings)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def like_params(x):
+        return not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and \
+            jax.tree.structure(x) == params_def
+
+    return jax.tree.map(lambda x: shardings if like_params(x) else replicated, opt_state,
+                        is_leaf=like_params)
+
+
+def batch_sharding(mesh, shape) -> NamedSharding:
+    """Sharding of a `[B, ...]` input: `B` over the batch axes that divide it."""
+    return NamedSharding(mesh, logical_spec(("batch",) + (None,) * (len(shape) - 1), mesh, shape))
+
+
+def cache_shardings(cache, mesh):
+    """Shardings of a latent cache (dict of `LatentCache`, leaves `[L, B, S, C]` / `[L, B, S, R]`).
+
+    Split over batch only: the latent is shared by all heads, so tensor parallelism keeps a
+    full copy on each tensor rank (a property of MLA).
+    """
+    return jax.tree.map(lambda x: NamedSharding(mesh, logical_spec(CACHE_AXES, mesh, x.shape)),
+                        cache)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh):
+    """Makes `mesh` the current mesh (`jax.set_mesh`) and `RULES` the logical-axis rules.
+
+    Inside, `nn.with_logical_constraint` resolves against the mesh and the MoE layer dispatches
+    tokens expert-parallel when the routed experts are split over it. Functions must be traced
+    (first called) inside it: jit keys its cache on the mesh, not on the rules.
+    """
+    with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+        yield mesh
+
+
+def active_mesh():
+    """The current mesh (an `AbstractMesh` while tracing), or None outside any mesh."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return None if mesh.empty else mesh
+
+
+def describe(mesh: Mesh) -> str:
+    """`"expert=8,tensor=2"`: the axes of size > 1 (`"single"` for one device)."""
+    parts = [f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.axis_sizes) if n > 1]
+    return ",".join(parts) or "single"
+
+
+def device_count(shape: str | Mapping[str, int] | None) -> int:
+    return int(np.prod(list(parse_mesh_shape(shape).values())))
