@@ -95,8 +95,9 @@ def _cached_ranks(num_base_tokens: int) -> tuple[tuple[bytes, int], ...]:
 
 def tiny_ranks(vocab_size: int = 768) -> dict[bytes, int]:
     """Ranks for a tokenizer whose full vocabulary (with the 256 special slots) is `vocab_size`."""
-    if vocab_size < NUM_BYTE_TOKENS + NUM_SPECIAL_SLOTS:
-        raise ValueError(f"vocab_size must be at least {NUM_BYTE_TOKENS + NUM_SPECIAL_SLOTS}, got {vocab_size}")
+    smallest = NUM_BYTE_TOKENS + NUM_SPECIAL_SLOTS
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size must be at least {smallest}, got {vocab_size}")
     return dict(_cached_ranks(vocab_size - NUM_SPECIAL_SLOTS))
 
 

@@ -24,6 +24,9 @@ def _tool(call_id, arguments):
     return f"<|tool_call_begin|>{call_id}<|tool_call_argument_begin|>{arguments}<|tool_call_end|>"
 
 
+# Only the end of a call ends arguments; any other marker text inside them is data.
+MARKERS_AS_ARGUMENTS = '{"text": "<think>x</think> <|im_user|> <|tool_call_argument_begin|> <|tool_call"}'
+
 # (name, generated text, starts_in_reasoning, expected (reasoning, content, tool_calls))
 CASES = [
     ("reasoning_then_answer", "<think>Let me think.\nStep 1.</think>The answer is 42.<|im_end|>", False,
@@ -58,14 +61,14 @@ CASES = [
      ("r", "Sure.", [_call("functions.read:0", "{}"), _call("functions.write:1", '{"text": "partial')])),
     ("cut_off_inside_id", "<think>r</think>Sure." + SECTION + "<|tool_call_begin|>functions.wri", False,
      ("r", "Sure.", [])),
-    ("cut_off_in_reasoning", "<think>Long reasoning that never", False, ("Long reasoning that never", None, [])),
+    ("cut_off_in_reasoning", "<think>Long reasoning that never", False,
+     ("Long reasoning that never", None, [])),
     ("misplaced_markers_are_dropped",
      "<think>r<think></think>a</think> b<think> c<|tool_call_end|>d<|im_end|>ignored after the end", False,
      ("r", "a b cd", [])),
     ("arguments_may_mention_markers",
-     SECTION + _tool("functions.note:0", '{"text": "<think>x</think> <|im_user|> <|tool_call_argument_begin|>"}')
-     + END_SECTION, False,
-     (None, None, [_call("functions.note:0", '{"text": "<think>x</think> <|im_user|> <|tool_call_argument_begin|>"}')])),
+     SECTION + _tool("functions.note:0", MARKERS_AS_ARGUMENTS) + END_SECTION, False,
+     (None, None, [_call("functions.note:0", MARKERS_AS_ARGUMENTS)])),
     ("text_after_the_section_is_content",
      SECTION + " \n " + _tool("functions.f:0", "{}") + "\n" + END_SECTION + "trailing text", False,
      (None, "trailing text", [_call("functions.f:0", "{}")])),
@@ -105,7 +108,8 @@ def _assert_prefix_of(partial: ParsedMessage, final: ParsedMessage) -> None:
     assert (final.content or "").startswith(partial.content or "")
     assert len(partial.tool_calls) <= len(final.tool_calls)
     for streamed, complete in zip(partial.tool_calls, final.tool_calls):
-        assert streamed["id"] == complete["id"] and streamed["function"]["name"] == complete["function"]["name"]
+        assert streamed["id"] == complete["id"]
+        assert streamed["function"]["name"] == complete["function"]["name"]
         assert complete["function"]["arguments"].startswith(streamed["function"]["arguments"])
 
 
@@ -159,7 +163,8 @@ def test_marker_prefix_is_held_back_until_resolved():
     parser = OutputParser()
     assert parser.feed("<think>x</think>Answer <|tool_calls_sec").content == "Answer"
     assert not parser.feed("tion_begin|>")
-    assert parser.feed("<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}").tool_calls[0]["id"] == "functions.f:0"
+    delta = parser.feed("<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{}")
+    assert delta.tool_calls[0]["id"] == "functions.f:0"
 
 
 def test_large_arguments_stream_in_linear_time():
@@ -195,7 +200,8 @@ def test_prompt_opens_reasoning():
 
 
 ASSISTANT_MESSAGES = [
-    {"role": "assistant", "content": "Plain answer, 中文 and 😀.", "reasoning_content": "Short thought.\nTwo lines."},
+    {"role": "assistant", "content": "Plain answer, 中文 and 😀.",
+     "reasoning_content": "Short thought.\nTwo lines."},
     {"role": "assistant", "content": None, "reasoning_content": "Call two tools.",
      "tool_calls": [_call("functions.get_weather:0", '{"city": "北京"}'),
                     _call("functions.search.v2:1", '{"q": "multi\\nline", "n": [1, 2]}')]},
@@ -226,8 +232,9 @@ def test_round_trip_through_token_ids_and_streaming_detokenization(tokenizer, me
     conversation = [{"role": "user", "content": "question"}, message,
                     {"role": "tool", "tool_call_id": message["tool_calls"][0]["id"], "content": "r"}]
     ids = apply_chat_template(tokenizer, conversation, add_generation_prompt=False).token_ids
-    start = ids.index(tokenizer.special_id(st.IM_ASSISTANT))
-    turn = ids[ids.index(tokenizer.special_id(st.IM_MIDDLE), start) + 1:ids.index(tokenizer.im_end_id, start) + 1]
+    header = ids.index(tokenizer.special_id(st.IM_ASSISTANT))
+    body_start = ids.index(tokenizer.special_id(st.IM_MIDDLE), header) + 1
+    turn = ids[body_start:ids.index(tokenizer.im_end_id, header) + 1]  # body and its <|im_end|>
     assert parse_output(tokenizer.decode(turn, skip_special_tokens=True)).to_openai() == message
 
     detokenizer, parser, deltas = tokenizer.detokenizer(skip_special_tokens=True), OutputParser(), []
