@@ -31,16 +31,21 @@ _K2_COMMON = dict(
 )
 
 
-def _yarn(factor, original=4096):
-    return RopeScaling(factor=factor, original_max_position_embeddings=original, beta_fast=32.0,
-                       beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0)
+def _yarn(factor, original=4096, beta_fast=32.0, beta_slow=1.0):
+    return RopeScaling(factor=factor, original_max_position_embeddings=original,
+                       beta_fast=beta_fast, beta_slow=beta_slow, mscale=1.0, mscale_all_dim=1.0)
+
+
+# Moonshot's K2 configs set beta_fast = beta_slow = 1 (DeepSeek-V3 uses 32 / 1).
+def _k2_yarn(factor):
+    return _yarn(factor, beta_fast=1.0, beta_slow=1.0)
 
 
 PRESETS = {
-    "kimi-k2-thinking": ModelConfig(**_K2_COMMON, rope_scaling=_yarn(64.0),
+    "kimi-k2-thinking": ModelConfig(**_K2_COMMON, rope_scaling=_k2_yarn(64.0),
                                     quantized_linears=("routed_experts",)),
     "kimi-k2-instruct": ModelConfig(**{**_K2_COMMON, "max_position_embeddings": 131072},
-                                    rope_scaling=_yarn(32.0)),
+                                    rope_scaling=_k2_yarn(32.0)),
     "deepseek-v3": ModelConfig(
         vocab_size=129280, hidden_size=7168, intermediate_size=18432, moe_intermediate_size=2048,
         num_hidden_layers=61, first_k_dense_replace=3, num_attention_heads=128, q_lora_rank=1536,

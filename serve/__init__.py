@@ -1,4 +1,5 @@
-"""Serving for Kimi K2: tokenizer, chat template and output parsers (pure Python, no JAX).
+"""Serving for Kimi K2: generation, output parsers, and the tokenizer / chat template of
+`k2jax.text` re-exported.
 
 Names are exported lazily, so `import serve` stays cheap and a light client never loads more
 than the module it uses.
@@ -7,11 +8,11 @@ than the module it uses.
 import importlib
 
 _EXPORTS = {
-    "K2Tokenizer": "serve.tokenizer",
-    "IncrementalDetokenizer": "serve.tokenizer",
-    "ChatPrompt": "serve.chat_template",
-    "apply_chat_template": "serve.chat_template",
-    "render_chat": "serve.chat_template",
+    "K2Tokenizer": "k2jax.text.tokenizer",
+    "IncrementalDetokenizer": "k2jax.text.tokenizer",
+    "ChatPrompt": "k2jax.text.chat_template",
+    "apply_chat_template": "k2jax.text.chat_template",
+    "render_chat": "k2jax.text.chat_template",
     "OutputParser": "serve.parsers",
     "ParsedDelta": "serve.parsers",
     "ParsedMessage": "serve.parsers",

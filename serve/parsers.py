@@ -26,7 +26,7 @@ import enum
 import re
 from dataclasses import dataclass, field
 
-from serve import special_tokens as st
+from k2jax.text import special_tokens as st
 
 
 class _State(enum.Enum):

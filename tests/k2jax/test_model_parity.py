@@ -16,10 +16,14 @@ from tests.hf_reference import hf_logits, hf_routing, params_from_hf_model, rand
 
 RTOL = 1e-4
 
-K2_STYLE = k2jax.ModelConfig.preset("tiny").replace(
+_TINY = k2jax.ModelConfig.preset("tiny")
+# K2's yarn has beta_fast = beta_slow = 1.
+K2_STYLE = _TINY.replace(
     dtype="float32", n_group=1, topk_group=1, n_routed_experts=12, num_experts_per_tok=3,
-    num_hidden_layers=3, first_k_dense_replace=1)
-DSV3_STYLE = k2jax.ModelConfig.preset("tiny").replace(
+    num_hidden_layers=3, first_k_dense_replace=1,
+    rope_scaling=k2jax.RopeScaling(factor=4.0, original_max_position_embeddings=32,
+                                   beta_fast=1.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
+DSV3_STYLE = _TINY.replace(
     dtype="float32", model_type="deepseek_v3", n_group=4, topk_group=2, n_routed_experts=16,
     num_experts_per_tok=4, num_hidden_layers=4, first_k_dense_replace=2, q_lora_rank=None,
     routed_scaling_factor=2.5, rope_theta=10000.0)

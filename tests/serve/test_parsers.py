@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from serve import special_tokens as st
-from serve.chat_template import apply_chat_template, render_chat
+from k2jax.text import special_tokens as st
+from k2jax.text.chat_template import apply_chat_template, render_chat
 from serve.parsers import (OutputParser, ParsedMessage, parse_output, prompt_opens_reasoning,
                            tool_name_from_id)
 

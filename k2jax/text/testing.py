@@ -15,8 +15,8 @@ from pathlib import Path
 
 import regex
 
-from serve.special_tokens import NUM_SPECIAL_SLOTS
-from serve.tokenizer import PRETOKENIZE_PATTERN, K2Tokenizer
+from k2jax.text.special_tokens import NUM_SPECIAL_SLOTS
+from k2jax.text.tokenizer import PRETOKENIZE_PATTERN, K2Tokenizer
 
 NUM_BYTE_TOKENS = 256
 

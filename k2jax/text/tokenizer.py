@@ -16,7 +16,7 @@ from collections.abc import Iterable
 
 import tiktoken
 
-from serve import special_tokens as st
+from k2jax.text import special_tokens as st
 
 # K2's pre-tokenizer. `&&` is character-class intersection: tiktoken's engine reads it as such,
 # the `regex` package only with its V1 flag, and the standard `re` module not at all.
@@ -79,7 +79,7 @@ class K2Tokenizer:
     """K2's tokenizer over any base vocabulary in the `tiktoken.model` format.
 
     Special tokens occupy the 256 ids after the base ranks, laid out as in K2 (see
-    `serve.special_tokens`): with the released file, `[BOS]` is 163584 and `vocab_size` 163840.
+    `k2jax.text.special_tokens`): with the released file, `[BOS]` is 163584 and `vocab_size` 163840.
     """
 
     def __init__(self, mergeable_ranks: dict[bytes, int], name: str = "kimi-k2"):

@@ -7,9 +7,9 @@ import sys
 import pytest
 import regex
 
-from serve import special_tokens as st
-from serve.testing import tiny_ranks, tiny_tokenizer, write_tiktoken_file
-from serve.tokenizer import MAX_RUN_CHARS, PRETOKENIZE_PATTERN, K2Tokenizer, load_ranks
+from k2jax.text import special_tokens as st
+from k2jax.text.testing import tiny_ranks, tiny_tokenizer, write_tiktoken_file
+from k2jax.text.tokenizer import MAX_RUN_CHARS, PRETOKENIZE_PATTERN, K2Tokenizer, load_ranks
 
 UNICODE_SAMPLES = [
     "",
@@ -174,8 +174,8 @@ def test_tiny_tokenizer_sizes():
         tiny_tokenizer(300)
 
 
-def test_serve_text_modules_import_without_jax():
+def test_text_modules_import_without_jax():
     code = ("import sys; sys.modules['jax'] = None; "
-            "import serve, serve.tokenizer, serve.chat_template, serve.parsers, serve.testing; "
-            "serve.K2Tokenizer, serve.parse_output")
+            "import k2jax.text.tokenizer, k2jax.text.chat_template, k2jax.text.testing; "
+            "import serve, serve.parsers; serve.K2Tokenizer, serve.parse_output")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,8 +3,8 @@ token ids with control tokens only from the template, validation errors."""
 
 import pytest
 
-from serve import special_tokens as st
-from serve.chat_template import DEFAULT_SYSTEM_PROMPT, apply_chat_template, render_chat
+from k2jax.text import special_tokens as st
+from k2jax.text.chat_template import DEFAULT_SYSTEM_PROMPT, apply_chat_template, render_chat
 
 DEFAULT_SYSTEM = ("<|im_system|>system<|im_middle|>"
                   "You are Kimi, an AI assistant created by Moonshot AI.<|im_end|>")

@@ -20,7 +20,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from serve import special_tokens as st
+from k2jax.text import special_tokens as st
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 ROLES = ("system", "user", "assistant", "tool")
@@ -76,7 +76,7 @@ def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = N
 def apply_chat_template(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
                         *, add_generation_prompt: bool = True,
                         normalize_tool_call_ids: bool = False) -> ChatPrompt:
-    """`render_chat` plus token ids from `tokenizer` (a `serve.tokenizer.K2Tokenizer`)."""
+    """`render_chat` plus token ids from `tokenizer` (a `k2jax.text.tokenizer.K2Tokenizer`)."""
     segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids)
     token_ids = []
     for is_control, text in segments.parts:
