@@ -1,4 +1,4 @@
-"""Grouped (per-expert) INT4 matmul: `grouped_int4_matmul(x, values, scale, group_sizes)`."""
+"""Grouped (per-expert) INT4 matmul `x [M, K]` sorted by expert times `W [E, K, N]`."""
 
 from pallas_kernels.grouped_int4_matmul.api import grouped_int4_matmul
 

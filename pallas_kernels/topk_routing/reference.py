@@ -8,6 +8,9 @@ lowest index (as `lax.top_k`).
 
 from __future__ import annotations
 
+import functools
+import operator
+
 import jax
 import jax.numpy as jnp
 
@@ -38,5 +41,7 @@ def route(router_logits_te: jax.Array, bias_e: jax.Array, *, top_k: int, n_group
     _, indices_tk = jax.lax.top_k(jax.lax.stop_gradient(choice_te), top_k)
     weights_tk = jnp.take_along_axis(scores_te, indices_tk, axis=-1)
     if norm_topk_prob:
-        weights_tk = weights_tk / (weights_tk.sum(-1, keepdims=True) + 1e-20)
+        # Summed left to right in selection order, an order the Pallas kernels reproduce.
+        total_t1 = functools.reduce(operator.add, [weights_tk[:, j:j + 1] for j in range(top_k)])
+        weights_tk = weights_tk / (total_t1 + 1e-20)
     return weights_tk * routed_scaling_factor, indices_tk.astype(jnp.int32)

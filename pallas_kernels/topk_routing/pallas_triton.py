@@ -1,0 +1,57 @@
+"""Fused router as a Triton-lowered Pallas kernel (GPU): one program per tile of tokens.
+
+Triton blocks are powers of two, so the experts are padded to the next power of two (384 ->
+512) with bias -inf, and the outputs to `next_power_of_2(top_k)` columns, sliced afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.topk_routing import tile
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """`block_t` tokens per program (a power of two)."""
+
+    block_t: int = 16
+    num_warps: int = 4
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "top_k", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor", "config",
+    "interpret"))
+def route(router_logits_te: jax.Array, bias_e: jax.Array, *, top_k: int, n_group: int,
+          topk_group: int, norm_topk_prob: bool, routed_scaling_factor: float,
+          config: Config | None = None, interpret: bool = False):
+    """See `reference.route`: weights float32 `[T, K]`, indices int32 `[T, K]`."""
+    cfg = config or Config()
+    tokens, num_experts = router_logits_te.shape
+    width, k_width = pl.next_power_of_2(num_experts), pl.next_power_of_2(top_k)
+    logits, bias = tile.pad_experts(router_logits_te, bias_e, width)
+    kernel = functools.partial(
+        tile.kernel, num_experts=num_experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor,
+        k_width=k_width)
+    bt = cfg.block_t
+    weights, indices = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((tokens, k_width), jnp.float32),
+                   jax.ShapeDtypeStruct((tokens, k_width), jnp.int32)),
+        grid=(pl.cdiv(tokens, bt),),
+        in_specs=[pl.BlockSpec((bt, width), lambda t: (t, 0)),
+                  pl.BlockSpec((1, width), lambda t: (0, 0))],
+        out_specs=(pl.BlockSpec((bt, k_width), lambda t: (t, 0)),
+                   pl.BlockSpec((bt, k_width), lambda t: (t, 0))),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=1),
+        interpret=interpret,
+        name="topk_routing",
+    )(logits, bias)
+    return weights[:, :top_k], indices[:, :top_k]
