@@ -1,0 +1,79 @@
+"""Every Pallas kernel lowers for its real target at Kimi K2 shapes, on a CPU-only machine.
+
+`jax.export` for `tpu` runs the Mosaic lowering and for `cuda` the Triton lowering, which
+reject what the hardware would (block shapes, unsupported ops, int4 layouts). The exported
+modules are also checked to hold the kernel's custom call and no bf16 copy of a weight: the
+dequantized weight exists only in registers / VMEM.
+"""
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh
+
+from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
+from pallas_kernels.int4_matmul import int4_matmul
+from pallas_kernels.topk_routing import route
+
+TRITON_CALL = "__gpu$xla.gpu.triton"
+MOSAIC_CALL = "tpu_custom_call"
+# Kernels that ask for chip information find it on this abstract device.
+TPU_MESH = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+    device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
+
+
+def _export(fn, args, platform):
+    if platform == "cuda":
+        return jax.export.export(
+            jax.jit(fn), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
+    with jax.sharding.use_abstract_mesh(TPU_MESH):
+        return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
+
+
+def _kernel_platform(platform):
+    return "gpu" if platform == "cuda" else "tpu"
+
+
+def _assert_kernel_without_bf16_weight(exported, platform, weight_shape):
+    text = exported.mlir_module()
+    assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
+    bf16_weight = "tensor<" + "x".join(map(str, weight_shape)) + "xbf16>"
+    assert bf16_weight not in text, f"a bf16 {weight_shape} weight is materialised"
+
+
+def _spec(shape, dtype):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("m,k,n", [(1, 7168, 2048), (64, 2048, 7168), (4096, 7168, 2048)])
+def test_int4_matmul_lowers(platform, m, k, n):
+    fn = lambda x, v, s: int4_matmul(x, v, s, impl="pallas",
+                                     platform=_kernel_platform(platform))
+    args = (_spec((m, k), jnp.bfloat16), _spec((k, n), jnp.int4),
+            _spec((k // 32, n), jnp.bfloat16))
+    _assert_kernel_without_bf16_weight(_export(fn, args, platform), platform, (k, n))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("m,k,n", [(64, 7168, 2048), (32768, 2048, 7168)])
+def test_grouped_int4_matmul_lowers(platform, m, k, n):
+    e = 384
+    fn = lambda x, v, s, g: grouped_int4_matmul(x, v, s, g, impl="pallas",
+                                                platform=_kernel_platform(platform))
+    args = (_spec((m, k), jnp.bfloat16), _spec((e, k, n), jnp.int4),
+            _spec((e, k // 32, n), jnp.bfloat16), _spec((e,), jnp.int32))
+    _assert_kernel_without_bf16_weight(_export(fn, args, platform), platform, (e, k, n))
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("tokens,experts,n_group,topk_group", [(64, 384, 1, 1),
+                                                               (4096, 256, 8, 4)])
+def test_routing_lowers(platform, tokens, experts, n_group, topk_group):
+    fn = lambda logits, bias: route(logits, bias, top_k=8, n_group=n_group,
+                                    topk_group=topk_group, routed_scaling_factor=2.827,
+                                    impl="pallas", platform=_kernel_platform(platform))
+    args = (_spec((tokens, experts), jnp.float32), _spec((experts,), jnp.float32))
+    text = _export(fn, args, platform).mlir_module()
+    assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
