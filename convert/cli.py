@@ -1,0 +1,78 @@
+"""`k2jax convert SRC DST [--to orbax|hf]`: the command line of `convert`.
+
+Parses arguments and calls `convert_to_orbax` or `convert_to_hf`; input errors (bad
+directories, invalid or incomplete checkpoints) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+EXAMPLE = """\
+example (tiny config on a CPU, seconds):
+  python -c "import jax, k2jax; from k2jax.checkpoint import save; \\
+c = k2jax.ModelConfig.preset('tiny'); save('/tmp/k2-tiny', c, k2jax.init_params(c, jax.random.key(0)))"
+  k2jax convert --to hf /tmp/k2-tiny /tmp/k2-tiny-hf
+  k2jax convert /tmp/k2-tiny-hf /tmp/k2-tiny-orbax
+
+Kimi K2 Thinking, INT4 experts kept bit-exactly (rerun the same command to resume):
+  k2jax convert ~/models/Kimi-K2-Thinking /data/k2-thinking
+"""
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5e9, '500MiB' -> 500 * 2**20, '1000' -> 1000 bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MiB)")
+    power = "KMGT".find(m.group(2).upper()) + 1 if m.group(2) else 0
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base**power)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("src", metavar="SRC",
+                        help="hub model directory (config.json + safetensors), or with "
+                             "--to hf a k2jax checkpoint")
+    parser.add_argument("dst", metavar="DST", help="output directory (must not exist)")
+    parser.add_argument("--to", choices=("orbax", "hf"), default="orbax",
+                        help="orbax: hub -> k2jax checkpoint (default); hf: the way back")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                        help="store every weight in this dtype, dequantizing INT4/FP8 "
+                             "(default: as the source, INT4 kept)")
+    parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
+                        help="--to hf: largest safetensors shard (default 5GB)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from convert.reader import ConversionError
+    from k2jax.checkpoint import CheckpointError
+    from k2jax.config import ConfigError
+
+    progress = not args.no_progress
+    try:
+        if args.to == "hf":
+            if args.dtype:
+                raise ConversionError("--dtype applies to hub -> orbax only")
+            from convert.to_hf import convert_to_hf
+
+            convert_to_hf(args.src, args.dst, max_shard_bytes=args.max_shard_size,
+                          progress=progress)
+            print(f"wrote hub model directory {args.dst}")
+        else:
+            from convert.to_orbax import convert_to_orbax
+
+            config = convert_to_orbax(args.src, args.dst, dtype=args.dtype, progress=progress)
+            int4 = ", INT4: " + ", ".join(config.quantized_linears) if config.quantized_linears \
+                else ""
+            print(f"wrote k2jax checkpoint {args.dst} ({config.model_type}, "
+                  f"{config.num_hidden_layers} layers, {config.dtype}{int4})")
+    except (ConversionError, CheckpointError, ConfigError, FileExistsError) as e:
+        print(f"k2jax convert: error: {e}", file=sys.stderr)
+        return 2
+    return 0

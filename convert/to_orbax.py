@@ -1,0 +1,255 @@
+"""Hub safetensors -> k2jax checkpoint, streaming and resumable.
+
+    convert_to_orbax(HF_DIR, OUT) -> ModelConfig
+
+1. Validate everything before writing anything: config.json, the index, every shard header,
+   and every tensor the config implies (missing, unexpected, wrong shape or dtype).
+2. Work in `OUT.partial/`: create the leaf arrays (`convert.store`), then convert unit by unit
+   (`top` = embedding, final norm, lm_head; then each layer). A unit reads its hub tensors one
+   at a time, transforms them (`convert.hf_layout`) and writes their slices; routed experts go
+   one expert at a time, so memory stays near one tensor plus the bounded write queue, never
+   a layer or the model. When a unit's writes have landed, `.convert/done/<unit>` is written.
+3. Finalize: check every chunk file exists, write Orbax's metadata, `conversion.json` and
+   finally `config.json`, then rename `OUT.partial` to `OUT`.
+
+A run killed at any point and started again with the same arguments redoes only units without
+a done marker (rewriting their whole chunk files), so it ends byte-identical to an
+uninterrupted run. Nothing loads before the end: `OUT` does not exist, and `k2jax.load`
+refuses a directory without `config.json`, which is written last.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+from tqdm import tqdm
+
+from convert import hf_layout, store
+from convert.reader import ConversionError, HFCheckpoint
+from k2jax import quant
+from k2jax.checkpoint import (CONFIG_FILE, PARAMS_DIR, config_to_json, read_config,
+                              write_json_atomic)
+from k2jax.config import ModelConfig
+
+STATE_DIR = ".convert"
+PROVENANCE_FILE = "conversion.json"
+# Bytes of converted slices allowed in tensorstore's write queue before the reader waits:
+# reading overlaps compression and writing without holding a layer in memory.
+WRITE_QUEUE_BYTES = 1 << 30
+
+
+def target_config(source: ModelConfig, dtype: str | None) -> ModelConfig:
+    """The stored config: the source's, or every weight as float `dtype` (INT4 dequantized)."""
+    if dtype is None:
+        return source
+    return source.replace(dtype=dtype, quantized_linears=())
+
+
+def fp8_blocks(hf_config: dict) -> hf_layout.Fp8Blocks | None:
+    qc = hf_config.get("quantization_config") or {}
+    if qc.get("quant_method") != "fp8":
+        return None
+    if qc.get("fmt", "e4m3") != "e4m3":
+        raise ConversionError(f"config.json: fp8 fmt {qc['fmt']!r} is not supported (e4m3)")
+    block = qc.get("weight_block_size")
+    if not (isinstance(block, list) and len(block) == 2 and all(
+            isinstance(b, int) and b > 0 for b in block)):
+        raise ConversionError(f"config.json: fp8 weight_block_size {block!r} is not two "
+                              "positive ints")
+    return hf_layout.Fp8Blocks(tuple(block))
+
+
+def validate(hf: HFCheckpoint, units, source: ModelConfig, fp8) -> dict[str, list[str]]:
+    """Checks the hub tensors against the plan. Returns `{item hf name: tensor names}` to read
+    and raises `ConversionError` listing every problem with its file and tensor."""
+    problems, reads, expected = [], {}, set()
+    nextn = int(hf.config.get("num_nextn_predict_layers") or 0)
+    for unit in units:
+        for item in unit.items:
+            stored_fp8 = fp8 if fp8 and f"{item.hf}.weight_scale_inv" in hf.tensors else None
+            want = hf_layout.hub_tensors(item, stored_fp8)
+            reads[item.hf] = list(want)
+            expected.update(want)
+            for name, (shape, dtypes) in want.items():
+                info = hf.tensors.get(name)
+                if info is None:
+                    problems.append(f"missing tensor {name} ({'/'.join(dtypes)}{list(shape)}, "
+                                    f"for {'/'.join(item.leaf)})")
+                elif info.shape != shape:
+                    problems.append(f"{info.file}: {name}: shape {list(info.shape)}, "
+                                    f"config.json implies {list(shape)}")
+                elif info.dtype not in dtypes:
+                    problems.append(f"{info.file}: {name}: dtype {info.dtype}, expected "
+                                    f"{' or '.join(dtypes)}")
+    for name in sorted(hf.tensors.keys() - expected):
+        if not hf_layout.extra_layer(name, source, nextn):
+            problems.append(f"{hf.tensors[name].file}: {name}: unexpected tensor (config.json "
+                            "describes no such parameter)")
+    if problems:
+        raise ConversionError(problems)
+    return reads
+
+
+def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: bool = True,
+                     log=None) -> ModelConfig:
+    """Converts the hub model in `hf_dir` to a k2jax checkpoint at `out_dir`; returns its config.
+
+    Args:
+      dtype: None keeps the source (bf16/f32 as stored, INT4 as `QuantizedWeight`); a float
+        dtype name stores every weight in it, INT4 and FP8 dequantized.
+      progress: show a tqdm bar (bytes/s, ETA) on stderr.
+      log: called with one-line notes (skipped tensors, resuming); default stderr.
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    out = os.path.abspath(os.fspath(out_dir))
+    partial = out + ".partial"
+    with HFCheckpoint(hf_dir) as hf:
+        source = ModelConfig.from_hf(hf.config)
+        target = target_config(source, dtype)
+        fp8 = fp8_blocks(hf.config)
+        units = hf_layout.plan(source, target)
+        reads = validate(hf, units, source, fp8)
+        provenance = {"source": hf.fingerprint(), "dtype": dtype, "format": 1}
+        skipped = sorted(hf.tensors.keys() - {n for names in reads.values() for n in names})
+        if _already_done(out, partial, provenance):
+            return read_config(out)
+        if skipped:
+            log(f"skipping {len(skipped)} tensors of layers past num_hidden_layers="
+                f"{source.num_hidden_layers} (multi-token prediction, which k2jax does not run)")
+        specs = _array_specs(units)
+        params_dir = os.path.join(partial, PARAMS_DIR)
+        state = _prepare(partial, provenance, log)
+        created = os.path.join(state, "created")
+        arrays = store.open_arrays(params_dir, specs, create=not os.path.exists(created))
+        _touch(created)
+        done_dir = os.path.join(state, "done")
+        todo = [u for u in units if not os.path.exists(os.path.join(done_dir, u.name))]
+        total = sum(hf.tensors[n].nbytes for u in todo for i in u.items for n in reads[i.hf])
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0.05,
+                  disable=not progress, desc="convert", dynamic_ncols=True) as bar:
+            for unit in todo:
+                _convert_unit(unit, hf, arrays, reads, fp8, bar)
+                _touch(os.path.join(done_dir, unit.name))
+        _finalize(out, partial, params_dir, specs, target, provenance)
+    return target
+
+
+def _convert_unit(unit, hf, arrays, reads, fp8, bar) -> None:
+    queue, queued = collections.deque(), 0
+
+    def read(name):
+        value = hf.read(name)
+        bar.update(value.nbytes)
+        return value
+
+    for item in unit.items:
+        stored_fp8 = fp8 if f"{item.hf}.weight_scale_inv" in reads[item.hf] else None
+        try:
+            value = hf_layout.from_hub(item, read, stored_fp8)
+        except ConversionError:
+            raise
+        except ValueError as e:
+            files = sorted({hf.tensors[n].file for n in reads[item.hf]})
+            raise ConversionError(f"{', '.join(files)}: {item.hf}: {e}") from None
+        parts = ({"values": value.values, "scale": value.scale}
+                 if isinstance(value, quant.QuantizedWeight) else {None: value})
+        for field, array in parts.items():
+            name = store.leaf_name(item.leaf + ((field,) if field else ()))
+            queue.append((arrays[name][item.index].write(array), array.nbytes))
+            queued += array.nbytes
+        while queued > WRITE_QUEUE_BYTES:
+            future, nbytes = queue.popleft()
+            future.result()
+            queued -= nbytes
+    for future, _ in queue:
+        future.result()
+
+
+def _array_specs(units) -> dict[str, store.ArraySpec]:
+    """The stacked leaf arrays: stacked axes (largest index + 1), then the item's shape."""
+    extent, targets = {}, {}
+    for unit in units:
+        for item in unit.items:
+            prev = extent.get(item.leaf, (0,) * len(item.index))
+            extent[item.leaf] = tuple(max(n, i + 1) for n, i in zip(prev, item.index))
+            targets[item.leaf] = item.target
+    specs = {}
+    for leaf, stack in sorted(extent.items()):
+        tgt = targets[leaf]
+        fields = ({"values": tgt.values, "scale": tgt.scale}
+                  if isinstance(tgt, quant.QuantizedWeight) else {None: tgt})
+        for field, sds in fields.items():
+            name = store.leaf_name(leaf + ((field,) if field else ()))
+            specs[name] = store.ArraySpec(stack + tuple(sds.shape), sds.dtype, len(stack))
+    return specs
+
+
+def _already_done(out: str, partial: str, provenance: dict) -> bool:
+    """True if `out` is this conversion, complete (finishing an interrupted rename first)."""
+    if os.path.isfile(os.path.join(partial, CONFIG_FILE)) and not os.path.exists(out):
+        os.rename(partial, out)  # killed between writing config.json and the rename
+    if not os.path.exists(out):
+        return False
+    try:
+        with open(os.path.join(out, PROVENANCE_FILE)) as f:
+            same = json.load(f) == _jsonable(provenance)
+    except (OSError, ValueError):
+        same = False
+    if not same or not os.path.isfile(os.path.join(out, CONFIG_FILE)):
+        raise ConversionError(f"{out} already exists and is not this conversion's result; "
+                              "remove it or choose another output directory")
+    shutil.rmtree(os.path.join(out, STATE_DIR), ignore_errors=True)
+    return True
+
+
+def _prepare(partial: str, provenance: dict, log) -> str:
+    """Creates `partial` or checks that it was started with the same source and options.
+
+    Returns the state directory: `plan.json`, `created` (the arrays exist), `done/<unit>`."""
+    state = os.path.join(partial, STATE_DIR)
+    plan_file = os.path.join(state, "plan.json")
+    if os.path.exists(partial):
+        try:
+            with open(plan_file) as f:
+                started = json.load(f)
+        except (OSError, ValueError):
+            raise ConversionError(f"{partial} exists but is not a k2jax conversion in "
+                                  "progress; remove it") from None
+        if started != _jsonable(provenance):
+            raise ConversionError(f"{partial} holds a conversion started from a different "
+                                  "source or with other options; remove it to start over")
+        done = len(os.listdir(os.path.join(state, "done")))
+        removed = store.remove_partial_writes(os.path.join(partial, PARAMS_DIR))
+        log(f"resuming {partial}: {done} units done"
+            + (f", {removed} interrupted chunk writes discarded" if removed else ""))
+    else:
+        os.makedirs(os.path.join(state, "done"))
+        write_json_atomic(plan_file, provenance)
+    return state
+
+
+def _finalize(out, partial, params_dir, specs, config, provenance) -> None:
+    missing = store.missing_chunks(params_dir, specs)
+    if missing:
+        raise ConversionError(f"{partial}: incomplete arrays despite done markers: "
+                              f"{', '.join(missing[:5])}; remove it and convert again")
+    store.write_metadata(params_dir, specs)
+    write_json_atomic(os.path.join(partial, PROVENANCE_FILE), provenance)
+    write_json_atomic(os.path.join(partial, CONFIG_FILE), config_to_json(config))
+    os.rename(partial, out)
+    shutil.rmtree(os.path.join(out, STATE_DIR))
+
+
+def _jsonable(data):
+    return json.loads(json.dumps(data))
+
+
+def _touch(path: str) -> None:
+    with open(path, "w") as f:
+        f.flush()
+        os.fsync(f.fileno())
