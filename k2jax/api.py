@@ -71,13 +71,15 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
 
 
 def forward_cached(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt: jax.Array,
-                   cache):
+                   cache, logits_index_b: jax.Array | None = None):
     """Absorbed-MLA forward that writes `tokens` into `cache` at `positions` and attends to
     every cached slot at or before each query's position.
 
-    Serves prefill (T = prompt length) and decode (T = 1) alike.
-    Returns float32 logits `[B, T, V]` and the updated cache.
+    Serves prefill (T = prompt length) and decode (T = 1) alike. `cache` is a `LatentCache` per
+    stack or any layout with its `write`/`read` methods.
+    Returns float32 logits `[B, T, V]` (`[B, 1, V]` at `logits_index_b [B]` when given) and the
+    updated cache.
     """
     out, new_cache, _ = Transformer(config).apply({"params": params}, tokens_bt, positions_bt,
-                                                  None, cache)
+                                                  None, cache, logits_index_b)
     return out, new_cache

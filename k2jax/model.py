@@ -78,14 +78,18 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
 
 
 class Transformer(nn.Module):
-    """`tokens [B, T] -> (logits [B, T, V] float32, caches, expert_load [L_moe, E])`."""
+    """`tokens [B, T] -> (logits [B, T, V] float32, caches, expert_load [L_moe, E])`.
+
+    With `logits_index_b [B]`, only the logits at that position of each row, `[B, 1, V]`.
+    """
 
     config: ModelConfig
     qat: bool = False
     remat_policy: str | None = None
 
     @nn.compact
-    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None):
+    def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
+                 logits_index_b=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         if positions_bt is None:
@@ -104,6 +108,9 @@ class Transformer(nn.Module):
             new_cache[stack] = stack_cache
             if is_moe:
                 expert_load = load_le
+        if logits_index_b is not None:
+            # Prefill needs only the next-token logits: skip the lm_head on the rest.
+            x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
         x_btd = RMSNorm(cfg.rms_norm_eps, dtype, dtype, name="norm")(x_btd)
         head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
                       param_dtype=dtype, quantized=cfg.is_quantized("lm_head"), qat=self.qat,
