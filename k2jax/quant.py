@@ -17,6 +17,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from pallas_kernels import common as pallas_common
+from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
+from pallas_kernels.int4_matmul import int4_matmul
+
 INT4_MIN, INT4_MAX = -8, 7
 # compressed-tensors divides the group's absmax by (qmax - qmin) / 2 = 7.5, not by 7 or 8.
 _SCALE_DIVISOR = (INT4_MAX - INT4_MIN) / 2
@@ -68,11 +72,7 @@ def quantize(w: jax.Array, group_size: int = 32, scale_dtype=jnp.bfloat16) -> Qu
 
 def dequantize(qw: QuantizedWeight, dtype=jnp.bfloat16) -> jax.Array:
     """`values * scale` broadcast over each group: `[..., in, out]` in `dtype`."""
-    *lead, din, dout = qw.values.shape
-    groups = qw.scale.shape[-2]
-    v = qw.values.astype(jnp.float32).reshape(*lead, groups, din // groups, dout)
-    w = v * qw.scale.astype(jnp.float32)[..., None, :]
-    return w.reshape(*lead, din, dout).astype(dtype)
+    return pallas_common.dequantize(qw.values, qw.scale, dtype)
 
 
 def fake_quantize(w: jax.Array, group_size: int = 32) -> jax.Array:
@@ -90,8 +90,6 @@ def fake_quantize(w: jax.Array, group_size: int = 32) -> jax.Array:
 def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
     """`x[..., in] @ w[in, out]` in `dtype`; INT4 weights go through the int4 matmul kernel."""
     if isinstance(w, QuantizedWeight):
-        from pallas_kernels.int4_matmul import int4_matmul
-
         lead = x.shape[:-1]
         y = int4_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), w.values, w.scale)
         return y.reshape(*lead, w.shape[-1]).astype(dtype)
@@ -102,8 +100,6 @@ def grouped_matmul(x_mk: jax.Array, w: jax.Array | QuantizedWeight, group_sizes_
                    dtype) -> jax.Array:
     """Expert-sorted rows `x [M, in]` times per-expert `w [E, in, out]` -> `[M, out]`."""
     if isinstance(w, QuantizedWeight):
-        from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
-
         return grouped_int4_matmul(x_mk.astype(dtype), w.values, w.scale,
                                    group_sizes_e).astype(dtype)
     return jax.lax.ragged_dot(x_mk, w.astype(dtype), group_sizes_e,
