@@ -212,7 +212,7 @@ def from_hub(item: Item, read: Callable[[str], np.ndarray], fp8: Fp8Blocks | Non
             return _cast(quant.dequantize(qw, tgt.dtype), tgt)
         scale = qw.scale.astype(tgt.scale.dtype)
         if not np.array_equal(scale.astype(qw.scale.dtype), qw.scale):
-            raise ValueError(f"{item.hf}.weight_scale is {qw.scale.dtype} and not exactly "
+            raise ValueError(f"weight_scale is {qw.scale.dtype} and not exactly "
                              f"{tgt.scale.dtype}; convert with --dtype bfloat16 to dequantize")
         return quant.QuantizedWeight(qw.values, np.ascontiguousarray(scale))
     w = read(f"{item.hf}.weight")

@@ -86,6 +86,7 @@ def validate(hf: HFCheckpoint, units, source: ModelConfig, fp8) -> dict[str, lis
                 elif info.dtype not in dtypes:
                     problems.append(f"{info.file}: {name}: dtype {info.dtype}, expected "
                                     f"{' or '.join(dtypes)}")
+    problems += _int4_shape_problems(hf, units)
     for name in sorted(hf.tensors.keys() - expected):
         if not hf_layout.extra_layer(name, source, nextn):
             problems.append(f"{hf.tensors[name].file}: {name}: unexpected tensor (config.json "
@@ -93,6 +94,21 @@ def validate(hf: HFCheckpoint, units, source: ModelConfig, fp8) -> dict[str, lis
     if problems:
         raise ConversionError(problems)
     return reads
+
+
+def _int4_shape_problems(hf: HFCheckpoint, units) -> list[str]:
+    """Reads every `weight_shape` (2 values each) and compares it with the config's shape."""
+    problems = []
+    for item in (i for u in units for i in u.items if hf_layout.is_int4(i)):
+        name = f"{item.hf}.weight_shape"
+        info = hf.tensors.get(name)
+        if info is None or info.shape != (2,) or info.dtype not in ("I32", "I64"):
+            continue  # already reported
+        din, dout = item.source.values.shape
+        got = hf.read(name).tolist()
+        if got != [dout, din]:
+            problems.append(f"{info.file}: {name}: {got}, config.json implies [{dout}, {din}]")
+    return problems
 
 
 def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: bool = True,

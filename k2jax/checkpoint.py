@@ -22,7 +22,6 @@ import os
 import shutil
 
 import jax
-import orbax.checkpoint as ocp
 
 from k2jax.api import param_shapes
 from k2jax.config import ModelConfig
@@ -83,6 +82,8 @@ def save(path: str | os.PathLike, config: ModelConfig, params) -> None:
     primary = jax.process_index() == 0
     if primary and os.path.exists(partial):
         shutil.rmtree(partial)
+    import orbax.checkpoint as ocp  # imported on use: it takes seconds, `import k2jax` not
+
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ckptr:
         ckptr.save(os.path.join(partial, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     if primary:
@@ -117,6 +118,8 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shar
             shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                           abstract, shardings)
+    import orbax.checkpoint as ocp
+
     restore_args = ocp.checkpoint_utils.construct_restore_args(target)
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
@@ -151,6 +154,8 @@ def check_tree(config: ModelConfig, params, where: str) -> None:
 
 def check_stored_tree(params_dir: str, abstract) -> None:
     """Compares Orbax's metadata of `params_dir` with the abstract tree the config implies."""
+    import orbax.checkpoint as ocp
+
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler()) as ckptr:
         stored = ckptr.metadata(params_dir).item_metadata.tree
     _compare({p: (tuple(m.shape), str(m.dtype)) for p, m in leaf_paths(stored).items()},

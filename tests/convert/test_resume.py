@@ -1,0 +1,118 @@
+"""Resumable conversion: a SIGKILLed `k2jax convert` run again ends byte-identical to an
+uninterrupted run, and nothing incomplete ever loads."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from convert.reader import ConversionError
+from convert.to_orbax import STATE_DIR, convert_to_orbax
+from k2jax.checkpoint import CheckpointError, load
+from tests.convert import hub
+from tests.convert.conftest import K2
+from tests.hf_reference import random_hf_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def many_layers_hub(tmp_path_factory):
+    """Enough layers and experts (8 x 32) that a conversion can be killed half way."""
+    config = K2.replace(num_hidden_layers=8, n_routed_experts=32)
+    model = random_hf_model(config, seed=3)
+    return hub.write_hub(tmp_path_factory.mktemp("hub") / "many", hub.bf16(
+        hub.hub_state_dict(model)), model, shard_bytes=1 << 20, dtype="bfloat16")
+
+
+def _tree(directory):
+    """{relative path: bytes} of every file below `directory`."""
+    out = {}
+    for root, _, files in os.walk(directory):
+        for f in files:
+            path = os.path.join(root, f)
+            with open(path, "rb") as fh:
+                out[os.path.relpath(path, directory)] = fh.read()
+    return out
+
+
+def _start_and_kill(src, dst, after_units):
+    """Runs `k2jax convert src dst` in a subprocess and SIGKILLs it once `after_units` units
+    are marked done. Returns how many were done when it died."""
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", src, dst,
+                             "--no-progress"], env=env, stderr=subprocess.PIPE)
+    done_dir = os.path.join(dst + ".partial", STATE_DIR, "done")
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= after_units:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.001)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
+    return len(os.listdir(done_dir))
+
+
+def test_killed_conversion_resumes_to_identical_checkpoint(many_layers_hub, tmp_path):
+    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
+    convert_to_orbax(many_layers_hub, clean, progress=False)
+    units = 1 + 8  # top + layers
+    first = _start_and_kill(many_layers_hub, killed, after_units=2)
+    assert first < units and not os.path.exists(killed)
+    with pytest.raises(CheckpointError, match="not a complete k2jax checkpoint"):
+        load(killed + ".partial")
+    second = _start_and_kill(many_layers_hub, killed, after_units=first + 3)
+    assert first < second < units
+    notes = []
+    convert_to_orbax(many_layers_hub, killed, progress=False, log=notes.append)
+    assert any(f"resuming {killed}.partial: {second} units done" in n for n in notes)
+    assert not os.path.exists(killed + ".partial")
+    assert _tree(killed) == _tree(clean)
+
+
+def test_interrupted_finish_is_completed(k2_hub, tmp_path):
+    out = str(tmp_path / "ckpt")
+    convert_to_orbax(k2_hub.path, out, progress=False)
+    reference = _tree(out)
+    # Killed after config.json was written but before the rename.
+    os.rename(out, out + ".partial")
+    os.makedirs(os.path.join(out + ".partial", STATE_DIR, "done"))
+    convert_to_orbax(k2_hub.path, out, progress=False)
+    assert _tree(out) == reference and not os.path.exists(out + ".partial")
+    # Killed after the rename, before the state directory was removed.
+    os.makedirs(os.path.join(out, STATE_DIR, "done"))
+    convert_to_orbax(k2_hub.path, out, progress=False)
+    assert _tree(out) == reference
+
+
+def test_existing_output_of_another_conversion_is_refused(k2_hub, tmp_path):
+    out = str(tmp_path / "ckpt")
+    convert_to_orbax(k2_hub.path, out, progress=False)
+    with pytest.raises(ConversionError, match="already exists and is not this conversion"):
+        convert_to_orbax(k2_hub.path, out, dtype="float32", progress=False)
+
+
+def test_partial_output_of_another_conversion_is_refused(k2_hub, tmp_path):
+    out = str(tmp_path / "ckpt")
+    os.makedirs(os.path.join(out + ".partial", STATE_DIR))
+    with pytest.raises(ConversionError, match="not a k2jax conversion in progress"):
+        convert_to_orbax(k2_hub.path, out, progress=False)
+    with open(os.path.join(out + ".partial", STATE_DIR, "plan.json"), "w") as f:
+        json.dump({"source": "elsewhere"}, f)
+    with pytest.raises(ConversionError, match="started from a different source"):
+        convert_to_orbax(k2_hub.path, out, progress=False)
+    shutil.rmtree(out + ".partial")
+
+
+def test_checkpoint_without_config_is_not_loadable(k2_hub, tmp_path):
+    out = tmp_path / "ckpt"
+    convert_to_orbax(k2_hub.path, out, progress=False)
+    os.remove(out / "config.json")
+    with pytest.raises(CheckpointError, match="not a complete k2jax checkpoint"):
+        load(out)
