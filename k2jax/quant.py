@@ -11,6 +11,7 @@ numpy because the converter runs on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +48,7 @@ class QuantizedWeight:
         return self.values.shape[-2] // self.scale.shape[-2]
 
 
+@functools.partial(jax.jit, static_argnames=("group_size", "scale_dtype"))
 def quantize(w: jax.Array, group_size: int = 32, scale_dtype=jnp.bfloat16) -> QuantizedWeight:
     """Round-to-nearest symmetric INT4 of `w [..., in, out]`, groups along `in`.
 

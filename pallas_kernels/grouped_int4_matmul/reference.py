@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import dequantize
 
 
+@jax.jit
 def grouped_int4_matmul(x_mk: jax.Array, values_ekn: jax.Array, scale_egn: jax.Array,
                         group_sizes_e: jax.Array) -> jax.Array:
     """Rows of `x [M, K]` sorted by expert (`group_sizes [E]`) times `values int4 [E, K, N] *

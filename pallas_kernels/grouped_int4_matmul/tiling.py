@@ -15,6 +15,7 @@ repeats the last real item, which kernels skip.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ def max_items(num_rows: int, num_experts: int, block_m: int) -> int:
     return pl.cdiv(num_rows, block_m) + min(num_experts, num_rows)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
 def work_list(group_sizes_e: jax.Array, num_rows: int, block_m: int) -> WorkList:
     """Builds the work list for `num_rows` rows in tiles of `block_m` (see the module doc)."""
     num_experts = group_sizes_e.shape[0]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from pallas_kernels.common import dequantize
 
 
+@jax.jit
 def int4_matmul(x_mk: jax.Array, values_kn: jax.Array, scale_gn: jax.Array) -> jax.Array:
     """`x [M, K] @ (values int4 [K, N] * scale [K/g, N])` -> `[M, N]` in x's dtype."""
     w_kn = dequantize(values_kn, scale_gn, x_mk.dtype)

@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 
 
+@functools.partial(jax.jit, static_argnames=(
+    "top_k", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor"))
 def route(router_logits_te: jax.Array, bias_e: jax.Array, *, top_k: int, n_group: int = 1,
           topk_group: int = 1, norm_topk_prob: bool = True,
           routed_scaling_factor: float = 1.0) -> tuple[jax.Array, jax.Array]:

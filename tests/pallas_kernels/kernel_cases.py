@@ -1,5 +1,7 @@
 """Shared helpers of the kernel tests: random INT4 weights and the bf16 comparison."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,8 @@ import numpy as np
 PLATFORMS = ("gpu", "tpu")
 
 
+# Jitted so that each helper compiles once per shape instead of op by op.
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def random_int4(key, shape_kn, group=32, scale=0.05):
     """int4 values `[..., K, N]` over the full range [-8, 7] and bf16 scales `[..., K/g, N]`."""
     k_values, k_scale = jax.random.split(key)
@@ -17,6 +21,7 @@ def random_int4(key, shape_kn, group=32, scale=0.05):
     return values, scales.astype(jnp.bfloat16)
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def random_x(key, shape):
     return jax.random.normal(key, shape, jnp.float32).astype(jnp.bfloat16)
 

@@ -17,7 +17,6 @@ CASES = [
     (37, 48, 6, 1, 1),      # experts and k not powers of two, tokens past a tile
     (20, 384, 8, 1, 1),     # Kimi K2
     (33, 256, 8, 8, 4),     # DeepSeek-V3 group limit
-    (16, 64, 4, 4, 2),
 ]
 SCALING = 2.827
 
