@@ -35,6 +35,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from convert import transforms
 from k2jax import quant
 from k2jax.api import param_shapes
 from k2jax.config import ModelConfig
@@ -180,17 +181,10 @@ def hub_tensors(item: Item, fp8: Fp8Blocks | None = None) -> dict[str, tuple[tup
     return {f"{item.hf}.weight": ((dout, din), FLOATS)}
 
 
-# ---- transforms ----------------------------------------------------------------------------
+# ---- reading and writing an item ----------------------------------------------------------
 
-def dequantize_fp8(w_oi: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
-    """float8 `[out, in]` times its per-block `scale_inv` -> float32 `[out, in]`."""
-    dout, din = w_oi.shape
-    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], 0)[:dout], block[1], 1)
-    return w_oi.astype(np.float32) * scale[:, :din]
-
-
-def _cast(x, like) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(x).astype(like.dtype))
+def _cast(x: np.ndarray, like) -> np.ndarray:
+    return np.ascontiguousarray(x.astype(like.dtype, copy=False))
 
 
 def from_hub(item: Item, read: Callable[[str], np.ndarray], fp8: Fp8Blocks | None = None):
@@ -200,25 +194,25 @@ def from_hub(item: Item, read: Callable[[str], np.ndarray], fp8: Fp8Blocks | Non
     if item.kind == TENSOR:
         return _cast(read(item.hf), tgt)
     if item.kind == TRANSPOSE:
-        return _cast(read(item.hf).T, tgt)
+        return transforms.transpose(_cast(read(item.hf), tgt))
     if is_int4(item):
-        qw = quant.unpack_compressed_tensors(read(f"{item.hf}.weight_packed"),
-                                             read(f"{item.hf}.weight_scale"),
-                                             read(f"{item.hf}.weight_shape"))
+        qw = transforms.unpack_int4(read(f"{item.hf}.weight_packed"),
+                                    read(f"{item.hf}.weight_scale"),
+                                    read(f"{item.hf}.weight_shape"))
         if qw.values.shape != src.values.shape:
             raise ValueError(f"weight_shape gives [in, out] = {list(qw.values.shape)}, "
                              f"config.json implies {list(src.values.shape)}")
         if not isinstance(tgt, quant.QuantizedWeight):
-            return _cast(quant.dequantize(qw, tgt.dtype), tgt)
+            return _cast(np.asarray(quant.dequantize(qw, tgt.dtype)), tgt)
         scale = qw.scale.astype(tgt.scale.dtype)
         if not np.array_equal(scale.astype(qw.scale.dtype), qw.scale):
             raise ValueError(f"weight_scale is {qw.scale.dtype} and not exactly "
                              f"{tgt.scale.dtype}; convert with --dtype bfloat16 to dequantize")
-        return quant.QuantizedWeight(qw.values, np.ascontiguousarray(scale))
+        return quant.QuantizedWeight(qw.values, scale)
     w = read(f"{item.hf}.weight")
     if fp8:
-        w = dequantize_fp8(w, read(f"{item.hf}.weight_scale_inv"), fp8.block)
-    return _cast(w.T, tgt)
+        w = transforms.dequantize_fp8(w, read(f"{item.hf}.weight_scale_inv"), fp8.block)
+    return transforms.transpose(_cast(w, tgt))
 
 
 # safetensors dtype written for each numpy dtype on export.
@@ -244,14 +238,11 @@ def export_specs(item: Item) -> dict[str, tuple[tuple[int, ...], str]]:
 def to_hub(item: Item, value) -> dict[str, np.ndarray]:
     """Inverse of `from_hub` for an unquantized-or-INT4 checkpoint: the hub tensors of `value`."""
     if is_int4(item):
-        packed = quant.pack_compressed_tensors(value)
-        # compressed-tensors writes the shape as int64 (`torch.tensor(weight.shape)`).
-        return {f"{item.hf}.{k}": np.ascontiguousarray(v.astype(np.int64) if k == "weight_shape"
-                                                       else v) for k, v in packed.items()}
+        return {f"{item.hf}.{k}": v for k, v in transforms.pack_int4(value).items()}
     if item.kind == TENSOR:
         return {item.hf: np.ascontiguousarray(value)}
     name = item.hf if item.kind == TRANSPOSE else f"{item.hf}.weight"
-    return {name: np.ascontiguousarray(np.asarray(value).T)}
+    return {name: transforms.transpose(value)}
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

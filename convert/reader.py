@@ -4,7 +4,8 @@ Only safetensors are read, and only by parsing: an 8-byte little-endian header l
 header `{name: {dtype, shape, data_offsets: [begin, end]}}`, then the raw tensor bytes. Opening a
 directory reads every shard's header (not its data) and checks them against each other and the
 index, so a truncated or corrupt shard or a stale index is reported before anything is written;
-`read(name)` then reads exactly that tensor's bytes. Pickle-based weights (`.bin`, `.pt`, ...)
+`read(name)` then reads exactly that tensor's bytes (safetensors is little-endian, as the hosts
+k2jax runs on are). Pickle-based weights (`.bin`, `.pt`, ...)
 are refused: unpickling runs arbitrary code.
 """
 
@@ -15,6 +16,7 @@ import json
 import math
 import os
 import struct
+import threading
 
 import ml_dtypes
 import numpy as np
@@ -139,6 +141,7 @@ class HFCheckpoint:
             refuse_pickle(self.directory, listing)
         self.tensors = self._read_headers(weight_map)
         self._files: dict[str, int] = {}
+        self._lock = threading.Lock()
 
     def _read_json(self, name: str) -> dict:
         path = os.path.join(self.directory, name)
@@ -196,12 +199,13 @@ class HFCheckpoint:
                 "files": {f: [s.st_size, s.st_mtime_ns] for f, s in stats.items()}}
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor's bytes as a numpy array (bf16/fp8 as ml_dtypes)."""
+        """The tensor's bytes as a numpy array (bf16/fp8 as ml_dtypes). Thread-safe."""
         info = self.tensors[name]
-        fd = self._files.get(info.file)
-        if fd is None:
-            fd = self._files[info.file] = os.open(os.path.join(self.directory, info.file),
-                                                  os.O_RDONLY)
+        with self._lock:
+            fd = self._files.get(info.file)
+            if fd is None:
+                fd = self._files[info.file] = os.open(
+                    os.path.join(self.directory, info.file), os.O_RDONLY)
         buf = np.empty(info.nbytes, np.uint8)
         view, done = memoryview(buf), 0
         while done < info.nbytes:

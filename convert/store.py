@@ -12,9 +12,9 @@ use_zarr3=True)` writes, so stock Orbax restores it:
 Chunks follow the stacking: one per layer along a leaf's `layers` axis and one per expert along
 its expert axis, so each `(layer[, expert])` slice the converter writes is a set of whole chunk
 files that no other slice touches: slices are written independently, in any order, and
-rewriting one after an interruption replaces exactly its own files. A chunk above 256 MiB is
-halved along its largest axis (embedding, lm_head, dense MLP), which also bounds how much a host
-reads beyond its own shard. zstd stores int4 (one byte per value in memory) in about half a byte.
+rewriting one after an interruption replaces exactly its own files. A chunk above 64 MiB is
+halved along its largest axis (embedding, lm_head, dense MLP): tensorstore compresses chunks in
+parallel, and a host reads at most a chunk beyond its own shard. zstd stores int4 (one byte per value in memory) in about half a byte.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import os
 import numpy as np
 import tensorstore as ts
 
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 METADATA_FILE = "_METADATA"
 CHECKPOINT_METADATA_FILE = "_CHECKPOINT_METADATA"
 _ZSTD = [{"name": "bytes", "configuration": {"endian": "little"}},

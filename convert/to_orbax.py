@@ -5,10 +5,11 @@
 1. Validate everything before writing anything: config.json, the index, every shard header,
    and every tensor the config implies (missing, unexpected, wrong shape or dtype).
 2. Work in `OUT.partial/`: create the leaf arrays (`convert.store`), then convert unit by unit
-   (`top` = embedding, final norm, lm_head; then each layer). A unit reads its hub tensors one
-   at a time, transforms them (`convert.hf_layout`) and writes their slices; routed experts go
-   one expert at a time, so memory stays near one tensor plus the bounded write queue, never
-   a layer or the model. When a unit's writes have landed, `.convert/done/<unit>` is written.
+   (`top` = embedding, final norm, lm_head; then each layer). A unit's hub tensors are read
+   and transformed (`convert.hf_layout`) a few at a time on a thread pool and written as
+   slices; routed experts go one expert at a time, so memory stays near a few tensors plus
+   the bounded write queue, never a layer or the model. When a unit's writes have landed,
+   `.convert/done/<unit>` is written.
 3. Finalize: check every chunk file exists, write Orbax's metadata, `conversion.json` and
    finally `config.json`, then rename `OUT.partial` to `OUT`.
 
@@ -21,6 +22,7 @@ refuses a directory without `config.json`, which is written last.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import json
 import os
 import shutil
@@ -41,6 +43,8 @@ PROVENANCE_FILE = "conversion.json"
 # Bytes of converted slices allowed in tensorstore's write queue before the reader waits:
 # reading overlaps compression and writing without holding a layer in memory.
 WRITE_QUEUE_BYTES = 1 << 30
+# Threads that read and transform tensors; tensorstore compresses and writes on its own pool.
+WORKERS = min(16, os.cpu_count() or 1)
 
 
 def target_config(source: ModelConfig, dtype: str | None) -> ModelConfig:
@@ -147,43 +151,72 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         todo = [u for u in units if not os.path.exists(os.path.join(done_dir, u.name))]
         total = sum(hf.tensors[n].nbytes for u in todo for i in u.items for n in reads[i.hf])
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0.05,
-                  disable=not progress, desc="convert", dynamic_ncols=True) as bar:
+                  disable=not progress, desc="convert", dynamic_ncols=True) as bar, \
+                concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
             for unit in todo:
-                _convert_unit(unit, hf, arrays, reads, fp8, bar)
+                _convert_unit(unit, hf, arrays, reads, fp8, bar, pool)
                 _touch(os.path.join(done_dir, unit.name))
         _finalize(out, partial, params_dir, specs, target, provenance)
     return target
 
 
-def _convert_unit(unit, hf, arrays, reads, fp8, bar) -> None:
-    queue, queued = collections.deque(), 0
+class _Pipeline:
+    """Loads items on a thread pool (numpy releases the GIL in reads, shifts and copies) and
+    writes them in order, bounding both the loads in flight and tensorstore's write queue."""
 
+    def __init__(self, arrays, load, pool):
+        self.arrays, self.load, self.pool = arrays, load, pool
+        self.loads, self.writes, self.queued = collections.deque(), collections.deque(), 0
+
+    def submit(self, item) -> None:
+        self.loads.append(self.pool.submit(self.load, item))
+        if len(self.loads) > 2 * WORKERS:
+            self._write_next()
+
+    def _write_next(self) -> None:
+        item, value = self.loads.popleft().result()
+        parts = ({"values": value.values, "scale": value.scale}
+                 if isinstance(value, quant.QuantizedWeight) else {None: value})
+        for field, array in parts.items():
+            name = store.leaf_name(item.leaf + ((field,) if field else ()))
+            # The array is never modified again, so tensorstore may keep it instead of copying.
+            write = self.arrays[name][item.index].write(
+                array, can_reference_source_data_indefinitely=True)
+            self.writes.append((write, array.nbytes))
+            self.queued += array.nbytes
+        while self.queued > WRITE_QUEUE_BYTES:
+            future, nbytes = self.writes.popleft()
+            future.result()
+            self.queued -= nbytes
+
+    def finish(self) -> None:
+        while self.loads:
+            self._write_next()
+        while self.writes:
+            self.writes.popleft()[0].result()
+        self.queued = 0
+
+
+def _convert_unit(unit, hf, arrays, reads, fp8, bar, pool) -> None:
     def read(name):
         value = hf.read(name)
         bar.update(value.nbytes)
         return value
 
-    for item in unit.items:
+    def load(item):
         stored_fp8 = fp8 if f"{item.hf}.weight_scale_inv" in reads[item.hf] else None
         try:
-            value = hf_layout.from_hub(item, read, stored_fp8)
+            return item, hf_layout.from_hub(item, read, stored_fp8)
         except ConversionError:
             raise
         except ValueError as e:
             files = sorted({hf.tensors[n].file for n in reads[item.hf]})
             raise ConversionError(f"{', '.join(files)}: {item.hf}: {e}") from None
-        parts = ({"values": value.values, "scale": value.scale}
-                 if isinstance(value, quant.QuantizedWeight) else {None: value})
-        for field, array in parts.items():
-            name = store.leaf_name(item.leaf + ((field,) if field else ()))
-            queue.append((arrays[name][item.index].write(array), array.nbytes))
-            queued += array.nbytes
-        while queued > WRITE_QUEUE_BYTES:
-            future, nbytes = queue.popleft()
-            future.result()
-            queued -= nbytes
-    for future, _ in queue:
-        future.result()
+
+    pipeline = _Pipeline(arrays, load, pool)
+    for item in unit.items:
+        pipeline.submit(item)
+    pipeline.finish()
 
 
 def _array_specs(units) -> dict[str, store.ArraySpec]:
