@@ -1,0 +1,319 @@
+"""The generation engine: continuous batching over a paged latent cache.
+
+Each `step()`:
+  1. admits waiting sequences into free slots (`Scheduler.admit`),
+  2. prefills them, a chunk of at most `prefill_chunk` tokens per sequence per step, and samples
+     the first token of each whose prompt is complete,
+  3. runs one decode step over the occupied slots, one token each,
+  4. retires the sequences that stopped (eos / stop ids / stop strings / max_new_tokens).
+
+Prefill and decode are one jitted forward (`_forward`, absorbed MLA over the pages) followed by
+the jitted sampler (`_sample`), with static shapes from buckets: rows a power of two up to `max_batch`, prompt
+chunks a power of two from 16 up to `prefill_chunk`, page-table width a power of two. Sampling
+options are run-time values, so a stream of requests reuses a handful of compiled programs
+whatever parameters they bring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import k2jax
+from k2jax.config import ModelConfig
+from serve import paged_cache, sampling
+from serve.paged_cache import PageAllocator
+from serve.sampling import SamplingParams
+from serve.scheduler import Detokenize, Scheduler, Sequence, bucket
+
+MIN_PREFILL_BUCKET = 16
+# Attention over this many positions costs next to nothing next to the weights; reading at
+# least that much spares recompiling while short sequences grow.
+MIN_CONTEXT_BUCKET = 128
+
+
+@dataclasses.dataclass
+class Completion:
+    """One generated completion. `token_ids` are generated tokens only (the stop token
+    included); `text` is None without a detokenizer; `logprobs` when requested."""
+
+    index: int
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    top_logprobs: list[dict[int, float]] | None = None
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """The result for one prompt: its `n` completions in `outputs`.
+
+    `token_ids`, `text`, `finish_reason` and `logprobs` read the completion when n = 1.
+    """
+
+    request_id: int
+    prompt_token_ids: list[int]
+    outputs: list[Completion]
+
+    def _only(self) -> Completion:
+        if len(self.outputs) != 1:
+            raise AttributeError(f"this result has n={len(self.outputs)} completions; "
+                                 "read them from .outputs")
+        return self.outputs[0]
+
+    token_ids = property(lambda self: self._only().token_ids)
+    text = property(lambda self: self._only().text)
+    finish_reason = property(lambda self: self._only().finish_reason)
+    logprobs = property(lambda self: self._only().logprobs)
+    top_logprobs = property(lambda self: self._only().top_logprobs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamDelta:
+    """New output of one completion in one step (`finish_reason` set on its last delta)."""
+
+    request_id: int
+    index: int
+    token_ids: list[int]
+    logprobs: list[float] | None
+    text: str | None
+    finish_reason: str | None
+
+
+@functools.partial(jax.jit, static_argnames="config", donate_argnames="pools")
+def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b):
+    """Writes `tokens` into the pages; returns the logits at `last_b` of each row `[B, V]` and
+    the pools."""
+    cache = paged_cache.with_page_table(pools, table_bw)
+    logits_b1v, cache = k2jax.forward_cached(config, params, tokens_bt, positions_bt, cache,
+                                             logits_index_b=last_b)
+    return logits_b1v[:, 0], paged_cache.pools_of(cache)
+
+
+@functools.partial(jax.jit, donate_argnames="penalty")
+def _sample(logits_bv, penalty, slots_b, row_floats, row_ints):
+    """Samples each row and counts the tokens of rows kept (`slots_b` in range).
+
+    A program of its own: it compiles once per batch bucket, not once per model shape.
+    `penalty` is `(prompt_mask [max_batch, V], counts [max_batch, V])` by slot. Returns
+    `(Sampled, penalty)`.
+    """
+    prompt_mask_sv, counts_sv = penalty
+    rows = functools.partial(jnp.take, indices=slots_b, axis=0, mode="fill", fill_value=0)
+    out = sampling.sample(logits_bv, row_floats, row_ints,
+                          lambda: (rows(prompt_mask_sv), rows(counts_sv)))
+    counts_sv = counts_sv.at[slots_b, out.tokens].add(1, mode="drop")
+    return out, (prompt_mask_sv, counts_sv)
+
+
+@functools.partial(jax.jit, donate_argnames="penalty")
+def _set_penalty_row(penalty, slot, prompt_mask_v, counts_v):
+    prompt_mask_sv, counts_sv = penalty
+    return prompt_mask_sv.at[slot].set(prompt_mask_v), counts_sv.at[slot].set(counts_v)
+
+
+class Engine:
+    """Continuous-batching generation for one model.
+
+    Args:
+      config, params: the model.
+      max_batch: slots, the most sequences decoding together.
+      max_seq_len: longest prompt + output (default: the smaller of the model's context and
+        4096); longer sequences finish with reason "length".
+      page_size: tokens per cache page.
+      num_pages: pages in the pool (default: enough for every slot at `max_seq_len`); fewer
+        pages share memory between slots and preempt when it runs out.
+      cache_dtype: storage dtype of the latent cache (default: the model's dtype; bfloat16 or
+        float8_e4m3fn to save memory).
+      prefill_chunk: most prompt tokens one sequence prefills per step.
+      prefix_sharing: share the pages of identical prompt prefixes.
+      detokenize: `token_ids -> str`, needed for `text` and stop strings (e.g. a tokenizer's
+        `decode`).
+      seed: draws the seeds of requests that give none.
+    """
+
+    def __init__(self, config: ModelConfig, params, *, max_batch: int = 8,
+                 max_seq_len: int | None = None, page_size: int = 16, num_pages: int | None = None,
+                 cache_dtype=None, prefill_chunk: int = 256, prefix_sharing: bool = True,
+                 detokenize: Detokenize | None = None, seed: int = 0):
+        self.config = config
+        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per step
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
+        self.page_size = page_size
+        self.prefill_chunk = prefill_chunk
+        self.detokenize = detokenize
+        pages_per_seq = -(-self.max_seq_len // page_size)
+        num_pages = num_pages or max_batch * pages_per_seq
+        if num_pages < pages_per_seq:
+            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_seq_len="
+                             f"{self.max_seq_len} ({pages_per_seq} pages of {page_size})")
+        self.max_pages_per_seq = pages_per_seq
+        self.cache_dtype = jnp.dtype(cache_dtype or config.dtype)
+        self.pools = paged_cache.init_pages(config, num_pages, page_size, self.cache_dtype)
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.scheduler = Scheduler(max_batch, self.allocator, prefix_sharing)
+        # Per slot: prompt tokens and output-token counts, reset for requests with penalties.
+        self.penalty = (jnp.zeros((max_batch, config.vocab_size), bool),
+                        jnp.zeros((max_batch, config.vocab_size), jnp.int32))
+        self._rng = np.random.default_rng(seed)
+        self._ids = itertools.count()
+        self._arrivals = itertools.count()
+        self._requests: dict[int, tuple[list[int], list[Sequence]]] = {}
+        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+
+    # ---- requests ---------------------------------------------------------------------------
+    def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
+        """Queues a prompt (token ids); returns its request id."""
+        params = params or SamplingParams()
+        prompt = [int(t) for t in prompt_ids]
+        if not prompt:
+            raise ValueError("empty prompt")
+        if not all(0 <= t < self.config.vocab_size for t in prompt):
+            raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len="
+                             f"{self.max_seq_len}")
+        if params.stop and self.detokenize is None:
+            raise ValueError("stop strings need a detokenizer (Engine(detokenize=...))")
+        request_id = next(self._ids)
+        base_seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+        stop_ids = frozenset({self.config.eos_token_id, *params.stop_token_ids})
+        seqs = [Sequence(request_id, i, prompt, params, (base_seed + i) % 2**31, stop_ids,
+                         next(self._arrivals)) for i in range(params.n)]
+        self._requests[request_id] = (prompt, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+        return request_id
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def is_finished(self, request_id: int) -> bool:
+        return all(s.finish_reason is not None for s in self._requests[request_id][1])
+
+    def pop_result(self, request_id: int) -> GenerationResult:
+        """The finished request's result (forgotten by the engine afterwards)."""
+        prompt, seqs = self._requests.pop(request_id)
+        outputs = [Completion(s.index, list(s.generated), s.text, s.finish_reason,
+                              s.logprobs if s.params.logprobs is not None else None,
+                              s.top_logprobs if s.params.logprobs else None) for s in seqs]
+        return GenerationResult(request_id, prompt, outputs)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self) -> list[StreamDelta]:
+        """Admit, prefill, decode once, retire. Returns what each completion produced."""
+        for seq in self.scheduler.admit():
+            if seq.params.uses_penalties:
+                self._init_penalty_row(seq)
+        touched = self._prefill()
+        ready = [s for s in self.scheduler.running if s.ready_for_decode]
+        self.scheduler.reserve_decode_pages(ready)
+        touched += self._decode([s for s in ready if s.slot is not None])
+        deltas = []
+        for seq in dict.fromkeys(touched):
+            if seq.finish_reason is not None:
+                self.scheduler.release(seq)
+            deltas.append(self._delta(seq))
+        return deltas
+
+    def _prefill(self) -> list[Sequence]:
+        """One call for every sequence with prompt left to cache, a chunk each; samples the
+        first token of those whose prompt it completes."""
+        seqs = [s for s in self.scheduler.running if s.needs_prefill]
+        if not seqs:
+            return []
+        todo = [min(len(s.cache_tokens) - s.num_cached, self.prefill_chunk) for s in seqs]
+        rows = bucket(len(seqs), self.max_batch)
+        length = bucket(max(todo), self.prefill_chunk, MIN_PREFILL_BUCKET)
+        tokens = np.zeros((rows, length), np.int32)
+        positions = np.full((rows, length), -1, np.int32)
+        last = np.zeros(rows, np.int32)
+        samplers, done = [], []
+        for r, (seq, n) in enumerate(zip(seqs, todo)):
+            start, end = seq.num_cached, seq.num_cached + n
+            tokens[r, :n] = seq.cache_tokens[start:end]
+            positions[r, :n] = np.arange(start, end)
+            last[r] = n - 1
+            seq.num_cached = end
+            if end == len(seq.cache_tokens):
+                done.append(seq)
+                if not seq.generated:
+                    samplers.append((r, seq))
+        self.stats["prefill_tokens"] += sum(todo)
+        out = self._run(seqs, tokens, positions, last, dict(samplers))
+        if self.scheduler.prefix_sharing:
+            for seq in done:
+                self.allocator.register_prefix(seq.prompt, seq.pages)
+        return self._record(out, samplers)
+
+    def _decode(self, ready: list[Sequence]) -> list[Sequence]:
+        if not ready:
+            return []
+        rows = bucket(max(s.slot for s in ready) + 1, self.max_batch)
+        tokens = np.zeros((rows, 1), np.int32)
+        positions = np.full((rows, 1), -1, np.int32)
+        by_row = {}
+        for seq in ready:
+            tokens[seq.slot, 0] = seq.generated[-1]
+            positions[seq.slot, 0] = seq.num_cached
+            by_row[seq.slot] = seq
+        out = self._run([by_row.get(r) for r in range(rows)], tokens, positions,
+                        np.zeros(rows, np.int32), by_row)
+        for seq in ready:
+            seq.num_cached += 1
+        self.stats["decode_steps"] += 1
+        return self._record(out, sorted(by_row.items()))
+
+    def _run(self, row_seqs, tokens, positions, last, samplers: dict[int, Sequence]):
+        """One forward and sample; `row_seqs[r]` owns row r (None: padding),
+        `samplers` the rows whose sample is kept."""
+        rows = tokens.shape[0]
+        width = bucket(max(len(s.pages) for s in row_seqs if s is not None),
+                       self.max_pages_per_seq, -(-MIN_CONTEXT_BUCKET // self.page_size))
+        table = np.full((rows, width), self.allocator.num_pages, np.int32)
+        slots = np.full(rows, self.max_batch, np.int32)
+        pad_floats, pad_ints = sampling.padding_row()
+        floats = np.tile(np.asarray(pad_floats, np.float32), (rows, 1))
+        ints = np.tile(np.asarray(pad_ints, np.int32), (rows, 1))
+        for r, seq in enumerate(row_seqs):
+            if seq is not None:
+                table[r, :len(seq.pages)] = seq.pages
+        for r, seq in samplers.items():
+            slots[r] = seq.slot
+            floats[r], ints[r] = sampling.row_values(seq.params, seq.seed, len(seq.generated))
+        logits, self.pools = _forward(self.config, self.params, self.pools, tokens, positions,
+                                      table, last)
+        out, self.penalty = _sample(logits, self.penalty, slots, floats, ints)
+        return jax.device_get(out)
+
+    def _record(self, out, samplers) -> list[Sequence]:
+        for r, seq in samplers:
+            top = None
+            if seq.params.logprobs:
+                top = dict(zip(out.top_ids[r].tolist(), out.top_logprobs[r].tolist()))
+            seq.append(int(out.tokens[r]), float(out.logprobs[r]), top, self.detokenize,
+                       self.max_seq_len)
+            self.stats["generated_tokens"] += 1
+        return [seq for _, seq in samplers]
+
+    def _init_penalty_row(self, seq: Sequence) -> None:
+        vocab = self.config.vocab_size
+        prompt_mask = np.zeros(vocab, bool)
+        prompt_mask[seq.prompt] = True
+        counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=vocab)
+        self.penalty = _set_penalty_row(self.penalty, seq.slot, prompt_mask,
+                                        counts.astype(np.int32))
+
+    def _delta(self, seq: Sequence) -> StreamDelta:
+        new = seq.generated[seq.sent_tokens:]
+        logprobs = (seq.logprobs[seq.sent_tokens:] if seq.params.logprobs is not None else None)
+        seq.sent_tokens = len(seq.generated)
+        return StreamDelta(seq.request_id, seq.index, new, logprobs, seq.text_delta(),
+                           seq.finish_reason)

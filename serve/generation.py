@@ -1,0 +1,131 @@
+"""`generate` and `stream`: batched generation in one call.
+
+    results = generate((config, params), [[1, 2, 3], [4, 5]], max_new_tokens=8, temperature=0)
+    results[0].token_ids, results[0].finish_reason
+
+The model is a checkpoint path (read with `k2jax.load`) or a `(config, params)` pair. Prompts
+are token-id lists; text prompts need a `tokenizer` (anything with `encode(text) -> ids` and
+`decode(ids) -> text`), which also fills `text` and enables `stop` strings. Sampling parameters
+are keyword arguments named as in vLLM's `SamplingParams` / HF `generate()` (see
+`serve.sampling.SamplingParams`), or `sampling_params=` one `SamplingParams` or one per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Iterator
+
+from serve.engine import Engine, GenerationResult, StreamDelta
+from serve.sampling import SamplingParams
+from serve.scheduler import bucket
+
+ENGINE_OPTIONS = ("max_batch", "max_seq_len", "page_size", "num_pages", "cache_dtype",
+                  "prefill_chunk", "prefix_sharing")
+MAX_DEFAULT_BATCH = 64
+
+
+def load_model(model_or_checkpoint):
+    """`(config, params)` from a pair or a checkpoint directory."""
+    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+        import k2jax
+
+        return k2jax.load(model_or_checkpoint)
+    if isinstance(model_or_checkpoint, tuple) and len(model_or_checkpoint) == 2:
+        return model_or_checkpoint
+    raise TypeError("model must be a checkpoint path or a (config, params) pair, got "
+                    f"{type(model_or_checkpoint).__name__}")
+
+
+def _prompt_list(prompts, tokenizer) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and isinstance(prompts[0], int)):
+        prompts = [prompts]
+    out = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (tokenizer=...)")
+            prompt = tokenizer.encode(prompt)
+        out.append([int(t) for t in prompt])
+    return out
+
+
+def _params_per_prompt(count: int, sampling_params, sampling_kwargs) -> list[SamplingParams]:
+    if sampling_params is not None and sampling_kwargs:
+        raise ValueError("give sampling_params or sampling keyword arguments, not both "
+                         f"(got {sorted(sampling_kwargs)})")
+    if sampling_params is None:
+        return [SamplingParams.from_kwargs(**sampling_kwargs)] * count
+    if isinstance(sampling_params, SamplingParams):
+        return [sampling_params] * count
+    sampling_params = list(sampling_params)
+    if len(sampling_params) != count:
+        raise ValueError(f"{len(sampling_params)} sampling_params for {count} prompts")
+    return sampling_params
+
+
+def _split_options(kwargs: dict[str, Any]):
+    engine = {k: kwargs.pop(k) for k in ENGINE_OPTIONS if k in kwargs}
+    return engine, kwargs
+
+
+def make_engine(model_or_checkpoint, prompts: list[list[int]], params: list[SamplingParams],
+                tokenizer=None, **engine_options) -> Engine:
+    """An `Engine` sized for these prompts unless the options say otherwise: slots for every
+    completion (up to 64) and a context just long enough, both rounded up to powers of two so
+    that later calls reuse the compiled programs."""
+    config, model_params = load_model(model_or_checkpoint)
+    completions = sum(p.n for p in params)
+    engine_options.setdefault("max_batch", bucket(completions, MAX_DEFAULT_BATCH))
+    longest = max(len(t) + p.max_new_tokens for t, p in zip(prompts, params))
+    engine_options.setdefault("max_seq_len", bucket(longest, config.max_position_embeddings, 64))
+    detokenize = tokenizer.decode if tokenizer is not None else None
+    return Engine(config, model_params, detokenize=detokenize, **engine_options)
+
+
+def stream(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=None,
+           **kwargs) -> Iterator[StreamDelta]:
+    """Like `generate`, but yields each completion's new tokens (and text) step by step.
+
+    `StreamDelta.request_id` is the prompt's index in `prompts`.
+    """
+    engine_options, sampling_kwargs = _split_options(dict(kwargs))
+    prompt_ids = _prompt_list(prompts, tokenizer)
+    params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
+    engine = make_engine(model_or_checkpoint, prompt_ids, params, tokenizer, **engine_options)
+    yield from run_engine(engine, prompt_ids, params)
+
+
+def run_engine(engine: Engine, prompts: list[list[int]],
+               params: list[SamplingParams]) -> Iterable[StreamDelta]:
+    """Adds the prompts (request ids 0, 1, ... in order on a fresh engine) and steps the
+    engine until all are done, yielding its deltas."""
+    for prompt, p in zip(prompts, params):
+        engine.add_request(prompt, p)
+    while engine.has_unfinished():
+        yield from engine.step()
+
+
+def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=None,
+             **kwargs) -> list[GenerationResult]:
+    """Generates for every prompt; returns one `GenerationResult` per prompt, in order.
+
+    Args:
+      model_or_checkpoint: a checkpoint path or `(config, params)`.
+      prompts: a prompt or a list of them; a prompt is a list of token ids (or text, with a
+        tokenizer).
+      tokenizer: optional; encodes text prompts, decodes `text`, enables `stop` strings.
+      sampling_params: a `SamplingParams` or one per prompt (instead of keyword arguments).
+      **kwargs: sampling parameters (`max_new_tokens`/`max_tokens`, `temperature`, `top_p`,
+        `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `n`,
+        `stop`, `stop_token_ids`, `seed`, `logprobs`) and `Engine` options (`max_batch`,
+        `max_seq_len`, `page_size`, `num_pages`, `cache_dtype`, `prefill_chunk`,
+        `prefix_sharing`). Anything else raises.
+    """
+    engine_options, sampling_kwargs = _split_options(dict(kwargs))
+    prompt_ids = _prompt_list(prompts, tokenizer)
+    params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
+    engine = make_engine(model_or_checkpoint, prompt_ids, params, tokenizer, **engine_options)
+    for _ in run_engine(engine, prompt_ids, params):
+        pass
+    return [engine.pop_result(i) for i in range(len(prompt_ids))]
