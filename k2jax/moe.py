@@ -3,16 +3,22 @@
 The MoE runs in four named steps: route (sigmoid, bias-corrected group-limited top-k),
 permute (sort token copies by expert), expert SwiGLU (grouped matmuls, no token dropping) and
 unpermute (scatter back, weight, sum over k). Shared experts run densely beside them.
+When the current mesh splits the routed experts, permute/experts/unpermute run
+expert-parallel instead (`k2jax.expert_parallel`: all-to-all dispatch and combine).
 """
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
+from k2jax import expert_parallel, quant, sharding
 from k2jax.config import ModelConfig
-from k2jax.layers import ExpertLinear, Linear, param_with_axes
+from k2jax.layers import ExpertLinear, Linear, fake_quant_or_identity, param_with_axes
 from pallas_kernels.topk_routing import route
 
 
@@ -57,10 +63,19 @@ class Router(nn.Module):
                                  (cfg.n_routed_experts,), jnp.float32, ("router",))
         logits_te = jnp.einsum("td,de->te", x_td.astype(jnp.float32),
                                kernel_de.astype(jnp.float32))
-        return route(logits_te, jax.lax.stop_gradient(bias_e), top_k=cfg.num_experts_per_tok,
-                     n_group=cfg.n_group, topk_group=cfg.topk_group,
-                     norm_topk_prob=cfg.norm_topk_prob,
-                     routed_scaling_factor=cfg.routed_scaling_factor)
+        select = functools.partial(
+            route, top_k=cfg.num_experts_per_tok, n_group=cfg.n_group,
+            topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor)
+        bias_e = jax.lax.stop_gradient(bias_e)
+        mesh = sharding.active_mesh()
+        if mesh is None:
+            return select(logits_te, bias_e)
+        # Routing is per token: run it on each device's rows, since XLA's partitioner gathers
+        # all tokens around a top-k whose rows are split.
+        rows = sharding.logical_spec(("batch", None), mesh, logits_te.shape)
+        return jax.shard_map(select, mesh=mesh, in_specs=(rows, PartitionSpec()),
+                             out_specs=(rows, rows))(logits_te, bias_e)
 
 
 def permute(x_td, indices_tk, num_experts):
@@ -85,6 +100,17 @@ def unpermute(y_sorted_md, order, weights_tk):
     return out.astype(y_sorted_md.dtype)
 
 
+def expert_swiglu(x_md, group_sizes_e, gate_edm, up_edm, down_emd, dtype):
+    """Expert-sorted rows `x [M, D]` through their experts' SwiGLU -> `[M, D]`.
+
+    Kernels are arrays or INT4 `QuantizedWeight`s; rows past `sum(group_sizes)` give zeros.
+    """
+    x_md = x_md.astype(dtype)
+    gate = quant.grouped_matmul(x_md, gate_edm, group_sizes_e, dtype)
+    up = quant.grouped_matmul(x_md, up_edm, group_sizes_e, dtype)
+    return quant.grouped_matmul(nn.silu(gate) * up, down_emd, group_sizes_e, dtype)
+
+
 class RoutedExperts(nn.Module):
     """The routed experts' stacked SwiGLU weights `[E, D, M]`, `[E, D, M]`, `[E, M, D]`."""
 
@@ -97,14 +123,19 @@ class RoutedExperts(nn.Module):
         e, d, m = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         kw = dict(dtype=dtype, param_dtype=dtype, quantized=cfg.is_quantized("routed_experts"),
                   qat=self.qat, group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
-        self.gate_proj = ExpertLinear(e, d, m, ("expert", "embed", "expert_mlp"), **kw)
-        self.up_proj = ExpertLinear(e, d, m, ("expert", "embed", "expert_mlp"), **kw)
-        self.down_proj = ExpertLinear(e, m, d, ("expert", "expert_mlp", "embed"), **kw)
+        self.gate_proj = ExpertLinear(e, d, m, expert_parallel.GATE_UP_AXES, **kw)
+        self.up_proj = ExpertLinear(e, d, m, expert_parallel.GATE_UP_AXES, **kw)
+        self.down_proj = ExpertLinear(e, m, d, expert_parallel.DOWN_AXES, **kw)
+
+    def kernels(self):
+        """`(gate, up, down)` as the forward uses them (fake-quantized under QAT)."""
+        group = self.config.quant_group_size if self.qat else None
+        return tuple(fake_quant_or_identity(p.kernel, group)
+                     for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def __call__(self, x_sorted_md, group_sizes_e):
-        gate = self.gate_proj(x_sorted_md, group_sizes_e)
-        up = self.up_proj(x_sorted_md, group_sizes_e)
-        return self.down_proj(nn.silu(gate) * up, group_sizes_e)
+        return expert_swiglu(x_sorted_md, group_sizes_e, *self.kernels(),
+                             jnp.dtype(self.config.dtype))
 
 
 class MoE(nn.Module):
@@ -116,11 +147,21 @@ class MoE(nn.Module):
     @nn.compact
     def __call__(self, x_btd):
         cfg = self.config
-        x_td = x_btd.reshape(-1, x_btd.shape[-1])
+        x_td = nn.with_logical_constraint(x_btd.reshape(-1, x_btd.shape[-1]), ("batch", "embed"))
         weights_tk, indices_tk = Router(cfg, name="gate")(x_td)
-        x_sorted, group_sizes_e, order = permute(x_td, indices_tk, cfg.n_routed_experts)
-        y_sorted = RoutedExperts(cfg, self.qat, name="experts")(x_sorted, group_sizes_e)
-        y_td = unpermute(y_sorted, order, weights_tk)
+        experts = RoutedExperts(cfg, self.qat, name="experts")
+        mesh = sharding.active_mesh()
+        if expert_parallel.expert_axes(mesh, cfg.n_routed_experts):
+            ep = expert_parallel.current_settings()
+            y_td = expert_parallel.moe_expert_parallel(
+                x_td, weights_tk, indices_tk, experts.kernels(), mesh=mesh,
+                dtype=jnp.dtype(cfg.dtype), impl=ep.impl, capacity_factor=ep.capacity_factor)
+            group_sizes_e = jnp.bincount(indices_tk.reshape(-1), length=cfg.n_routed_experts)
+            group_sizes_e = group_sizes_e.astype(jnp.int32)
+        else:
+            x_sorted, group_sizes_e, order = permute(x_td, indices_tk, cfg.n_routed_experts)
+            y_sorted = experts(x_sorted, group_sizes_e)
+            y_td = unpermute(y_sorted, order, weights_tk)
         if cfg.n_shared_experts:
             y_td = y_td + MLP(cfg, cfg.shared_intermediate_size, "shared_experts", self.qat,
                               name="shared_experts")(x_td)

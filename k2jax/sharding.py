@@ -61,7 +61,7 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("cache_length", None),
     ("expert", ("fsdp", "expert")),
     ("expert_mlp", "tensor"),
-    ("vocab", "tensor"),
+    ("vocab", ("tensor", "fsdp")),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("embed", "fsdp"),
