@@ -206,6 +206,16 @@ class Engine:
                               s.top_logprobs if s.params.logprobs else None) for s in seqs]
         return GenerationResult(request_id, prompt, outputs)
 
+    def abort(self, request_id: int) -> None:
+        """Drops a request (e.g. its client went away): its sequences leave the queue or free
+        their slots and pages, and the engine forgets it. Unknown ids are ignored."""
+        _, seqs = self._requests.pop(request_id, (None, []))
+        for seq in seqs:
+            if seq in self.scheduler.waiting:
+                self.scheduler.waiting.remove(seq)
+            self.scheduler.release(seq)
+            seq.finish_reason = seq.finish_reason or "abort"
+
     # ---- one step ---------------------------------------------------------------------------
     def step(self) -> list[StreamDelta]:
         """Admit, prefill, decode once, retire. Returns what each completion produced."""
