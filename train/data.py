@@ -1,0 +1,259 @@
+"""Training data: JSONL documents, tokenized, packed into fixed-length rows.
+
+One JSON object per line, of one of three kinds:
+
+    {"text": "..."}                           plain text: BOS + tokens + EOS, every token trained
+    {"messages": [...], "tools": [...]}       a conversation in K2 Thinking's chat template;
+                                              its final reasoning chain (reasoning, content,
+                                              tool calls, closing <|im_end|>) is trained
+                                              (see `encode_chat`)
+    {"input_ids": [...], "loss_mask": [...]}  pre-tokenized; loss_mask defaults to all ones
+
+A document of n tokens gives n-1 (input, target) pairs. Pairs are packed back to back into rows of
+`seq_len`: each piece of a document in a row gets its own segment id (1, 2, ... within the row;
+attention never crosses segments) and positions restarting at 0. A document that does not fit
+continues in the next row as a new piece. Rows are always full: the stream wraps into the next
+epoch, whose document order is a fresh permutation drawn from `(seed, epoch)`.
+
+The position in the stream, `(epoch, index, offset)` (document `index` of the epoch's order, pair
+`offset` inside it), is all the state there is; a checkpoint stores it and `Packer` resumes from
+it exactly. Every process packs the same global batch, so the stream does not depend on how
+many hosts read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+
+import numpy as np
+
+from k2jax.text import chat_template
+from k2jax.text import special_tokens as st
+from k2jax.text.tokenizer import K2Tokenizer
+
+BATCH_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")
+
+
+class DataError(ValueError):
+    """A corpus or tokenizer that cannot be trained on (bad record, mismatched vocabulary)."""
+
+
+def byte_tokenizer() -> K2Tokenizer:
+    """K2's tokenizer layout over the 256 bytes alone: ids 0..255 are bytes, 256..511 K2's
+    control tokens. Needs no file; fits any model with a vocabulary of at least 512."""
+    return K2Tokenizer({bytes([b]): b for b in range(256)}, name="k2jax-bytes")
+
+
+def load_tokenizer(spec: str | None, checkpoint: str | None = None) -> K2Tokenizer:
+    """`"bytes"`, a `tiktoken.model` file or a directory holding one; None means the
+    checkpoint directory's own `tiktoken.model`, else bytes."""
+    if spec is None:
+        found = checkpoint and os.path.isfile(os.path.join(checkpoint, "tiktoken.model"))
+        spec = checkpoint if found else "bytes"
+    if spec == "bytes":
+        return byte_tokenizer()
+    if not os.path.exists(spec):
+        raise DataError(f"tokenizer {spec}: no such file or directory")
+    return K2Tokenizer.from_file(spec)
+
+
+@dataclasses.dataclass(frozen=True)
+class Document:
+    """`tokens` int32 `[n]` and `mask` float32 `[n]`: 1 where the token is a training target."""
+
+    tokens: np.ndarray
+    mask: np.ndarray
+
+
+def assistant_mask(token_ids, tokenizer: K2Tokenizer, skip_turns: int = 0) -> np.ndarray:
+    """1.0 on the tokens an assistant wrote, `[n]`: everything after `<|im_assistant|>NAME
+    <|im_middle|>` up to and including the turn's `<|im_end|>`, except in the first
+    `skip_turns` assistant turns.
+
+    Control tokens are unambiguous here: the template is the only way they enter the ids (the
+    tokenizer encodes their texts inside messages as ordinary characters).
+    """
+    begin, middle, end = (tokenizer.special_id(t) for t in (st.IM_ASSISTANT, st.IM_MIDDLE,
+                                                              st.IM_END))
+    mask = np.zeros(len(token_ids), np.float32)
+    state, turns = "outside", 0
+    for i, token in enumerate(token_ids):
+        if state == "outside" and token == begin:
+            state, turns = "header", turns + 1
+        elif state == "header" and token == middle:
+            state = "body"
+        elif state == "body":
+            mask[i] = float(turns > skip_turns)
+            if token == end:
+                state = "outside"
+    return mask
+
+
+def encode_chat(tokenizer: K2Tokenizer, messages, tools=None) -> Document:
+    """A conversation as K2 Thinking sees it at inference, trained on its last reasoning chain.
+
+    K2 Thinking's template drops the reasoning of every assistant turn up to the last one without
+    tool calls, so a conversation ending in an answer is rendered as the model would be prompted
+    for that answer (`messages[:-1]` plus the generation prompt) followed by the answer with its
+    reasoning: `<think>REASONING</think>CONTENT<|im_end|>`. Trained are the assistant turns whose
+    reasoning is rendered (the final answer and the tool-call turns leading to it); earlier turns
+    appear with empty reasoning and are context only. To train every turn of a multi-turn
+    conversation, write one record per turn.
+    """
+    messages = list(messages)
+    chat_template.render_chat(messages, tools)  # validates every message, the final one too
+    final = messages[-1] if messages else {}
+    answers = final.get("role") == "assistant" and not final.get("tool_calls")
+    context = messages[:-1] if answers else messages
+    prompt = chat_template.apply_chat_template(tokenizer, context, tools,
+                                               add_generation_prompt=answers)
+    ids = list(prompt.token_ids)
+    if answers:
+        ids += [tokenizer.special_id(st.THINK_BEGIN),
+                *tokenizer.encode(final.get("reasoning_content") or ""),
+                tokenizer.special_id(st.THINK_END),
+                *tokenizer.encode(_text(final.get("content"))),
+                tokenizer.special_id(st.IM_END)]
+    last_plain = max((i for i, m in enumerate(context)
+                      if m["role"] == "assistant" and not m.get("tool_calls")), default=-1)
+    context_turns = sum(m["role"] == "assistant" for m in context[:last_plain + 1])
+    tokens = np.asarray(ids, np.int32)
+    return Document(tokens, assistant_mask(tokens, tokenizer, skip_turns=context_turns))
+
+
+def _text(content) -> str:
+    """A message's content: a string or a list of `{"type": "text", "text": ...}` parts."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(part["text"] for part in content)
+
+
+def encode_record(record, tokenizer: K2Tokenizer) -> Document:
+    """One JSONL record (see the module docstring) as a `Document`."""
+    if not isinstance(record, dict):
+        raise DataError("expected a JSON object")
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise DataError("'text' must be a string")
+        ids = [tokenizer.bos_id, *tokenizer.encode(record["text"]), tokenizer.eos_id]
+        return Document(np.asarray(ids, np.int32), np.ones(len(ids), np.float32))
+    if "messages" in record:
+        return encode_chat(tokenizer, record["messages"], record.get("tools"))
+    if "input_ids" in record:
+        tokens = np.asarray(record["input_ids"], np.int32)
+        mask = np.asarray(record.get("loss_mask", np.ones(len(tokens))), np.float32)
+        if tokens.ndim != 1 or mask.shape != tokens.shape:
+            raise DataError("input_ids and loss_mask must be flat lists of equal length")
+        if len(tokens) and (tokens.min() < 0 or tokens.max() >= tokenizer.vocab_size):
+            raise DataError(f"input_ids outside [0, {tokenizer.vocab_size})")
+        return Document(tokens, mask)
+    raise DataError("a record needs 'text', 'messages' or 'input_ids'")
+
+
+class JsonlCorpus:
+    """Random access to the documents of a JSONL file (tokenized on first use, then cached)."""
+
+    def __init__(self, path: str | os.PathLike, tokenizer: K2Tokenizer, cache_size: int = 65536):
+        self.path = os.fspath(path)
+        self.tokenizer = tokenizer
+        self._offsets, self._lines = [], []
+        try:
+            with open(self.path, "rb") as f:
+                offset = 0
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        self._offsets.append(offset)
+                        self._lines.append(number)
+                    offset += len(line)
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: no such file") from None
+        if not self._offsets:
+            raise DataError(f"{self.path}: no records")
+        self.document = functools.lru_cache(maxsize=cache_size)(self._read)
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _read(self, i: int) -> Document:
+        with open(self.path, "rb") as f:
+            f.seek(self._offsets[i])
+            line = f.readline()
+        try:
+            return encode_record(json.loads(line), self.tokenizer)
+        except (DataError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{self.path}:{self._lines[i]}: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the stream stands: pair `offset` of document `index` of epoch `epoch`'s order."""
+
+    epoch: int = 0
+    index: int = 0
+    offset: int = 0
+
+
+class Packer:
+    """Deterministic stream of packed rows over a corpus (see the module docstring)."""
+
+    def __init__(self, corpus: JsonlCorpus, seq_len: int, seed: int,
+                 position: DataPosition = DataPosition()):
+        self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        self.position = position
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus))
+
+    def rows(self, count: int) -> dict[str, np.ndarray]:
+        """The next `count` rows: each of `BATCH_FIELDS` as `[count, seq_len]`."""
+        t = self.seq_len
+        out = {name: np.zeros((count, t), np.float32 if name == "weights" else np.int32)
+               for name in BATCH_FIELDS}
+        epoch, index, offset = dataclasses.astuple(self.position)
+        order = self._order(epoch)
+        for row in range(count):
+            filled, segment, idle = 0, 0, 0
+            while filled < t:
+                doc = self.corpus.document(int(order[index]))
+                take = min(t - filled, len(doc.tokens) - 1 - offset)
+                if take > 0:
+                    segment += 1
+                    piece = slice(filled, filled + take)
+                    out["tokens"][row, piece] = doc.tokens[offset:offset + take]
+                    out["targets"][row, piece] = doc.tokens[offset + 1:offset + take + 1]
+                    out["weights"][row, piece] = doc.mask[offset + 1:offset + take + 1]
+                    out["segment_ids"][row, piece] = segment
+                    out["positions"][row, piece] = np.arange(take)
+                    filled, offset, idle = filled + take, offset + take, 0
+                if offset >= len(doc.tokens) - 1:
+                    index, offset, idle = index + 1, 0, idle + 1
+                    if idle > len(self.corpus):
+                        raise DataError(f"{self.corpus.path}: no document has two tokens")
+                    if index == len(self.corpus):
+                        epoch, index = epoch + 1, 0
+                        order = self._order(epoch)
+        self.position = DataPosition(epoch, index, offset)
+        return out
+
+    def state(self) -> dict:
+        """JSON-serialisable position, stored in every checkpoint."""
+        return {**dataclasses.asdict(self.position), "seed": self.seed,
+                "num_documents": len(self.corpus), "seq_len": self.seq_len}
+
+    def restore(self, state: dict) -> None:
+        if (state["seed"], state["num_documents"], state["seq_len"]) != (
+                self.seed, len(self.corpus), self.seq_len):
+            raise DataError(
+                f"checkpointed data stream (seed {state['seed']}, {state['num_documents']} "
+                f"documents, seq_len {state['seq_len']}) does not match this run's "
+                f"(seed {self.seed}, {len(self.corpus)} documents, seq_len {self.seq_len})")
+        self.position = DataPosition(state["epoch"], state["index"], state["offset"])
+
+
+def micro_batches(rows: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:
+    """`[B, T]` rows -> `[A, B/A, T]`: micro-batch a holds rows `a*B/A .. (a+1)*B/A - 1`."""
+    return {k: v.reshape(grad_accum, v.shape[0] // grad_accum, *v.shape[1:])
+            for k, v in rows.items()}

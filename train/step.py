@@ -1,0 +1,118 @@
+"""One optimizer step, jitted over the mesh with explicit input and output shardings.
+
+The state is a dict `{"step": int32 [], "params": float32 master tree, "opt_state": optax state
+of the trainable subtree}`. A batch is the `train.data` fields as `[A, B/A, T]` (A micro-batches).
+
+A step:
+  1. per micro-batch (`lax.scan`), the loss and its gradient with respect to the trainable
+     master leaves, through `compute_params` (fake quantization and bf16 casts, identity
+     Jacobian) and the model; gradients, loss sums and expert load accumulate in float32 / int32.
+     Each micro-batch's loss is divided by the token weight of the whole step, so the sum is
+     exactly the full batch's mean loss (plus `aux_loss_coef` times the mean balance loss);
+  2. the optax update of the trainable leaves;
+  3. the router bias update from the step's expert load (`train.balance`);
+  4. QK-clip from the step's largest attention logits (`train.qk_clip`), when enabled.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from k2jax.config import ModelConfig
+from train import balance, mesh as train_mesh, optimizer, qat, qk_clip
+from train.config import TrainConfig
+from train.forward import forward
+from train.loss import weighted_loss_sum
+
+
+def init_state(master, tx: optax.GradientTransformation, trainable: frozenset):
+    """The step-0 state for float32 master `params`."""
+    params, _ = optimizer.split(master, trainable)
+    return {"step": jnp.zeros((), jnp.int32), "params": master, "opt_state": tx.init(params)}
+
+
+def make_step(model_config: ModelConfig, cfg: TrainConfig, qat_groups, trainable: frozenset,
+              tx: optax.GradientTransformation):
+    """`(state, batch) -> (state, metrics)`, not yet jitted (see `jit_step`).
+
+    Metrics: loss (mean token cross entropy), balance_loss, grad_norm (before clipping),
+    learning_rate, tokens (trained target tokens), expert_load `[L_moe, E]`, and with QK-clip
+    max_logit (largest over heads and layers) and clipped_heads.
+    """
+    want_balance, want_logits = cfg.aux_loss_coef > 0, cfg.qk_clip_threshold is not None
+    lr = optimizer.schedule(cfg)
+
+    def step(state, batch):
+        trainable_params, frozen = optimizer.split(state["params"], trainable)
+        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        num_micro = batch["tokens"].shape[0]
+
+        def micro_loss(params, micro):
+            master = optimizer.merge(params, frozen)
+            compute = qat.compute_params(master, model_config, qat_groups,
+                                         model_config.quant_group_size)
+            out = forward(model_config, compute, micro, remat_policy=cfg.remat_policy,
+                          balance_loss=want_balance, max_logits=want_logits)
+            loss_sum = weighted_loss_sum(out.logits, micro["targets"], micro["weights"])
+            objective = loss_sum / total_weight
+            if want_balance:
+                objective += cfg.aux_loss_coef * out.balance_loss / num_micro
+            return objective, (loss_sum, out)
+
+        def accumulate(carry, micro):
+            grads, loss_sum, balance_sum, load, logit_max = carry
+            (_, (micro_sum, out)), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
+                trainable_params, micro)
+            grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, micro_grads)
+            if want_balance:
+                balance_sum = balance_sum + out.balance_loss
+            if want_logits:
+                logit_max = jax.tree.map(jnp.maximum, logit_max, out.max_logits)
+            return (grads, loss_sum + micro_sum, balance_sum, load + out.expert_load,
+                    logit_max), None
+
+        carry = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable_params),
+                 jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
+                 jnp.zeros((model_config.num_moe_layers, model_config.n_routed_experts),
+                           jnp.int32),
+                 _initial_logit_max(model_config) if want_logits else None)
+        (grads, loss_sum, balance_sum, load, logit_max), _ = jax.lax.scan(accumulate, carry, batch)
+
+        updates, opt_state = tx.update(grads, state["opt_state"], trainable_params)
+        params = optimizer.merge(optax.apply_updates(trainable_params, updates), frozen)
+        params = balance.balance_params(params, load, cfg.bias_update_rate)
+        metrics = {"loss": loss_sum / total_weight, "balance_loss": balance_sum / num_micro,
+                   "grad_norm": optax.global_norm(grads), "learning_rate": lr(state["step"]),
+                   "tokens": jnp.sum(batch["weights"]), "expert_load": load}
+        if want_logits:
+            params = qk_clip.apply_qk_clip(params, model_config, logit_max,
+                                           cfg.qk_clip_threshold)
+            maxima = jnp.concatenate([m.reshape(-1) for m in logit_max.values()])
+            metrics["max_logit"] = jnp.max(maxima)
+            metrics["clipped_heads"] = jnp.sum(maxima > cfg.qk_clip_threshold)
+        new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
+        return new_state, metrics
+
+    return step
+
+
+def _initial_logit_max(config: ModelConfig):
+    stacks = {"dense_layers": config.num_dense_layers, "moe_layers": config.num_moe_layers}
+    return {name: jnp.full((count, config.num_attention_heads), -jnp.inf, jnp.float32)
+            for name, count in stacks.items() if count}
+
+
+def jit_step(step, state, batch, model_config: ModelConfig, mesh):
+    """`step` jitted with the state and batch shardings of `mesh` (state donated).
+
+    `state` and `batch` may be abstract (`ShapeDtypeStruct`s); returns the jitted function and
+    the state shardings. Call it inside `k2jax.sharding.activate(mesh)`.
+    """
+    state_sh = train_mesh.state_shardings(state, model_config, mesh)
+    batch_sh = train_mesh.batch_shardings(batch, mesh)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh),
+                     out_shardings=(state_sh, train_mesh.replicated(mesh)), donate_argnums=0)
+    return jitted, state_sh, batch_sh
+

@@ -1,0 +1,127 @@
+"""The training run: model and data set-up, the step loop, checkpoints, resume and export.
+
+`train(cfg)` trains from a preset (random init) or a k2jax checkpoint (INT4 leaves become
+float32 master weights, `train.qat.master_from_quantized`), writes `OUT/train_config.json`,
+`OUT/metrics.jsonl` and Orbax checkpoints under `OUT/checkpoints/`, and with `cfg.export`
+writes the trained model as a k2jax checkpoint whose QAT groups are INT4.
+With `resume=True` it continues from the newest complete checkpoint of `OUT`: parameters,
+optimizer state, step and data position are restored, so the losses are those an
+uninterrupted run would have logged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+from k2jax import api, checkpoint, sharding
+from k2jax.config import ModelConfig
+from train import data, metrics as metrics_lib, mesh as train_mesh, optimizer, qat, step as step_lib
+from train.checkpointing import Checkpoints, abstract_with_shardings
+from train.config import TrainConfig, TrainConfigError
+
+
+def model_setup(cfg: TrainConfig):
+    """`(config, qat_groups, model_config)`: the model as stored, the groups trained with fake
+    quantization, and the config the training forward runs (nothing INT4, compute dtype)."""
+    if cfg.checkpoint is not None:
+        config = checkpoint.read_config(cfg.checkpoint)
+    else:
+        config = ModelConfig.preset(cfg.preset)
+    qat_groups = config.quantized_linears if cfg.qat_groups is None else cfg.qat_groups
+    model_config = config.replace(quantized_linears=(), dtype=cfg.compute_dtype)
+    # Re-validates the group sizes: a QAT group must be quantizable in this model.
+    config.replace(quantized_linears=tuple(qat_groups))
+    return config, tuple(qat_groups), model_config
+
+
+def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, mesh, state_sh):
+    """The step-0 state, created directly with its shardings."""
+    def from_master(master):
+        return step_lib.init_state(master, tx, trainable)
+
+    if cfg.checkpoint is None:
+        make = lambda key: from_master(qat.master_params(api.init_params(model_config, key)))  # noqa: E731
+        return jax.jit(make, out_shardings=state_sh)(jax.random.key(cfg.seed))
+    _, params = checkpoint.load(cfg.checkpoint, mesh)
+    return jax.jit(lambda p: from_master(qat.master_params(p)), out_shardings=state_sh)(params)
+
+
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Runs (or resumes) training to `cfg.steps`; returns the last metrics record (or {})."""
+    mesh = train_mesh.build_mesh(cfg.mesh)
+    config, qat_groups, model_config = model_setup(cfg)
+    tokenizer = data.load_tokenizer(cfg.tokenizer, cfg.checkpoint)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise data.DataError(f"tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary "
+                             f"only {config.vocab_size}")
+    packer = data.Packer(data.JsonlCorpus(cfg.data, tokenizer), cfg.seq_len, cfg.seed)
+    tx = optimizer.make_optimizer(cfg)
+    abstract_params = jax.eval_shape(qat.master_params, api.param_shapes(model_config))
+    trainable = optimizer.trainable_paths(abstract_params, cfg.trainable)
+    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, trainable),
+                                    abstract_params)
+    rows = cfg.batch_size // cfg.grad_accum
+    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.grad_accum, rows, cfg.seq_len),
+                                              jnp.float32 if k == "weights" else jnp.int32)
+                      for k in data.BATCH_FIELDS}
+    step_fn = step_lib.make_step(model_config, cfg, qat_groups, trainable, tx)
+
+    ckpts = Checkpoints(cfg.out, cfg.checkpoint_every, cfg.keep_checkpoints)
+    with sharding.activate(mesh):
+        jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state, abstract_batch,
+                                                       model_config, mesh)
+        start = ckpts.latest_step() if resume else None
+        if resume and start is None and not quiet:
+            print(f"no checkpoint in {ckpts.directory}; starting from step 0", flush=True)
+        if start is not None:
+            state, data_state = ckpts.restore(start, abstract_with_shardings(abstract_state,
+                                                                             state_sh))
+            packer.restore(data_state)
+        else:
+            if ckpts.latest_step() is not None:
+                raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume "
+                                       "to continue or choose another --out")
+            state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
+        cfg.save(cfg.out)
+        log = metrics_lib.MetricsLog(cfg.out, start, quiet)
+        compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
+                                abstract_with_shardings(abstract_batch, batch_sh)).compile()
+        state, last = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config,
+                            start or 0)
+    ckpts.close()
+    if cfg.export:
+        export(state["params"], config, qat_groups, cfg.export)
+        if not quiet:
+            print(f"exported {cfg.export} (INT4: {', '.join(qat_groups) or 'none'})", flush=True)
+    return last
+
+
+def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, start):
+    flops = metrics_lib.train_flops_per_token(model_config, cfg.seq_len)
+    peak = metrics_lib.peak_flops()
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    last = {}
+    for step in range(start, cfg.steps):
+        batch = data.micro_batches(packer.rows(cfg.batch_size), cfg.grad_accum)
+        began = time.perf_counter()
+        state, step_metrics = compiled(state, train_mesh.put_batch(batch, batch_sh))
+        step_metrics = jax.device_get(step_metrics)
+        seconds = time.perf_counter() - began
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            last = metrics_lib.record(done, step_metrics, seconds, tokens_per_step, flops, peak,
+                                      jax.device_count())
+            log.write(last)
+        ckpts.save(done, state, packer.state(), force=done == cfg.steps)
+    return state, last
+
+
+def export(master, config: ModelConfig, qat_groups, path: str) -> None:
+    """Writes the trained model to `path` as a k2jax checkpoint (QAT groups INT4)."""
+    out_config = qat.export_config(config, qat_groups, config.dtype)
+    params = jax.jit(lambda m: qat.export_params(m, config, qat_groups, config.dtype)[1])(master)
+    checkpoint.save(os.path.abspath(path), out_config, params)
