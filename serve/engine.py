@@ -166,7 +166,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[int, tuple[list[int], list[Sequence]]] = {}
-        self.stats = {"prefill_tokens": 0, "decode_steps": 0, "generated_tokens": 0}
+        self.stats = dict.fromkeys(
+            ("prefill_tokens", "decode_steps", "generated_tokens", "preemptions"), 0)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
@@ -224,7 +225,7 @@ class Engine:
                 self._init_penalty_row(seq)
         touched = self._prefill()
         ready = [s for s in self.scheduler.running if s.ready_for_decode]
-        self.scheduler.reserve_decode_pages(ready)
+        self.stats["preemptions"] += len(self.scheduler.reserve_decode_pages(ready))
         touched += self._decode([s for s in ready if s.slot is not None])
         deltas = []
         for seq in dict.fromkeys(touched):
@@ -245,22 +246,20 @@ class Engine:
         tokens = np.zeros((rows, length), np.int32)
         positions = np.full((rows, length), -1, np.int32)
         last = np.zeros(rows, np.int32)
-        samplers, done = [], []
+        samplers = []
         for r, (seq, n) in enumerate(zip(seqs, todo)):
             start, end = seq.num_cached, seq.num_cached + n
             tokens[r, :n] = seq.cache_tokens[start:end]
             positions[r, :n] = np.arange(start, end)
             last[r] = n - 1
             seq.num_cached = end
-            if end == len(seq.cache_tokens):
-                done.append(seq)
-                if not seq.generated:
-                    samplers.append((r, seq))
+            if end == len(seq.cache_tokens) and not seq.generated:
+                samplers.append((r, seq))
         self.stats["prefill_tokens"] += sum(todo)
         out = self._run(seqs, tokens, positions, last, dict(samplers))
         if self.scheduler.prefix_sharing:
-            for seq in done:
-                self.allocator.register_prefix(seq.prompt, seq.pages)
+            for seq in seqs:  # the prompt pages written so far, shareable from now on
+                self.allocator.register_prefix(seq.prompt[:seq.num_cached], seq.pages)
         return self._record(out, samplers)
 
     def _decode(self, ready: list[Sequence]) -> list[Sequence]:
