@@ -1,0 +1,81 @@
+"""From engine deltas to OpenAI chat output, for the server: one `OutputParser` per choice.
+
+`ChatChoices.feed` turns each engine `StreamDelta` into the chunks a stream sends
+(`reasoning_content`, `content`, `tool_calls` deltas, then an empty delta with the finish
+reason); `choices()` gives the whole messages for a non-streaming response. Both come from the
+same parsers, so a stream's deltas add up to the non-streaming message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from serve import chat, openai_protocol as proto
+from serve.engine import StreamDelta
+from serve.engine_loop import EngineLoop, RequestStream
+from serve.parsers import OutputParser, prompt_opens_reasoning
+from serve.sampling import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class FinalRequest:
+    """The engine request whose output is the response, and the tokens spent before it
+    (heavy mode: the candidates' prompt and outputs, and the candidate messages)."""
+
+    prompt_text: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    prior_prompt_tokens: int = 0
+    prior_completion_tokens: int = 0
+    candidates: list[dict] | None = None
+
+    def usage(self, completion_tokens: int) -> dict:
+        return proto.usage(self.prior_prompt_tokens + len(self.prompt_ids),
+                           self.prior_completion_tokens + completion_tokens)
+
+
+class ChatChoices:
+    """Parse state of a chat request's `n` completions."""
+
+    def __init__(self, n: int, prompt_text: str):
+        opens = prompt_opens_reasoning(prompt_text)
+        self.parsers = [OutputParser(starts_in_reasoning=opens) for _ in range(n)]
+        self.reasons: list[str | None] = [None] * n
+        self.completion_tokens = 0
+
+    def feed(self, delta: StreamDelta) -> list[tuple[int, dict, str | None]]:
+        """The `(choice index, OpenAI delta, finish_reason)` chunks of one engine delta."""
+        parser = self.parsers[delta.index]
+        self.completion_tokens += len(delta.token_ids)
+        parsed = parser.feed(delta.text or "")
+        chunks = [(delta.index, parsed.to_openai(), None)] if parsed else []
+        if delta.finish_reason is not None:
+            last = parser.finish()
+            if last:
+                chunks.append((delta.index, last.to_openai(), None))
+            reason = chat.finish_reason(delta.finish_reason, bool(parser.result().tool_calls))
+            self.reasons[delta.index] = reason
+            chunks.append((delta.index, {}, reason))
+        return chunks
+
+    def feed_all(self, deltas: list[StreamDelta]) -> None:
+        for delta in deltas:
+            self.feed(delta)
+
+    def choices(self) -> list[dict]:
+        """The non-streaming `choices`: each completion's whole message and finish reason."""
+        return [proto.chat_choice(i, parser.result().to_openai(), reason)
+                for i, (parser, reason) in enumerate(zip(self.parsers, self.reasons))]
+
+
+async def run_to_end(loop: EngineLoop, stream: RequestStream, on_deltas=None):
+    """Consumes `stream` (calling `on_deltas` with each list of deltas); returns its result.
+    If the caller is cancelled first (the client left), the engine request is cancelled."""
+    try:
+        async for deltas in stream:
+            if on_deltas is not None:
+                on_deltas(deltas)
+        return stream.result
+    finally:
+        if stream.result is None:
+            loop.cancel(stream)

@@ -1,0 +1,218 @@
+"""The OpenAI wire format: request validation, and the JSON of responses and stream chunks.
+
+Requests are pydantic models with `extra="forbid"` and strict JSON types: an unknown or
+unsupported parameter is a 400 that names it, never silently ignored. Ranges are OpenAI's
+(temperature in [0, 2], penalties in [-2, 2], n >= 1). Beside OpenAI's parameters the server
+takes vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`),
+which the `openai` client sends through `extra_body`, and `heavy` (see `serve.heavy`).
+
+Responses are plain dicts shaped as OpenAI's: `chat.completion` / `chat.completion.chunk`
+(with `reasoning_content` beside `content`, as DeepSeek's and vLLM's servers send it) and
+`text_completion`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from serve.sampling import SamplingParams
+
+MAX_N = 16
+MAX_STOP_STRINGS = 16
+
+
+class ProtocolError(Exception):
+    """A request the server refuses: sent as OpenAI's error JSON with `status`."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 code: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = (
+            status, message, param, code, kind)
+
+    def to_json(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.code}}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data):
+        # Many clients send `"stop": null` for parameters they leave unset.
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class HeavyOptions(_Strict):
+    """Heavy mode: `n` candidate answers, then one aggregation pass (see `serve.heavy`)."""
+
+    n: int = Field(ge=2, le=MAX_N)
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by chat and text completions."""
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    n: int = Field(1, ge=1, le=MAX_N)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    seed: int | None = Field(None, ge=0, lt=2**31)
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # the caller's end-user id: accepted, changes nothing
+    # vLLM's extensions
+    top_k: int = Field(0, ge=-1)
+    min_p: float = Field(0.0, ge=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop_token_ids: list[int] | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Literal["auto"] | None = None
+    max_completion_tokens: int | None = Field(None, ge=1)
+    heavy: HeavyOptions | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
+
+
+_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _error_path(loc) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part.isidentifier() and part not in _UNION_MEMBER_TAGS:
+            path += f".{part}" if path else part
+    return path
+
+
+def parse_request(body: bytes, model_cls: type[_Strict]):
+    """Validates a JSON body into `model_cls`; raises a 400 `ProtocolError` naming the field."""
+    try:
+        json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
+    try:
+        return model_cls.model_validate_json(body)
+    except ValidationError as e:
+        errors = e.errors()
+        path = _error_path(errors[0]["loc"])
+        if errors[0]["type"] == "extra_forbidden":
+            raise ProtocolError(400, f"unsupported parameter {path!r}", path) from None
+        if errors[0]["type"] == "model_type":
+            raise ProtocolError(400, "request body must be a JSON object") from None
+        # A union field fails once per member: say what each member wanted.
+        wanted = dict.fromkeys(err["msg"] for err in errors if _error_path(err["loc"]) == path)
+        raise ProtocolError(400, f"{path}: {' or '.join(wanted)}", path) from None
+
+
+def requested_max_tokens(request: _SamplingRequest) -> int | None:
+    """`max_tokens`, or chat's newer `max_completion_tokens`; both must agree when given."""
+    limit = request.max_tokens
+    extra = getattr(request, "max_completion_tokens", None)
+    if extra is not None:
+        if limit is not None and limit != extra:
+            raise ProtocolError(400, "max_tokens and max_completion_tokens differ",
+                                "max_completion_tokens")
+        limit = extra
+    return limit
+
+
+def sampling_params(request: _SamplingRequest, max_new_tokens: int, *, n: int | None = None,
+                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
+    """The engine's parameters for a validated request (`n` overrides the request's)."""
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    try:
+        return SamplingParams(
+            max_new_tokens=max_new_tokens, temperature=request.temperature, top_p=request.top_p,
+            top_k=request.top_k, min_p=request.min_p,
+            repetition_penalty=request.repetition_penalty,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty, n=n or request.n, stop=tuple(stop),
+            stop_token_ids=tuple(request.stop_token_ids or ()) + stop_token_ids,
+            seed=request.seed)
+    except ValueError as e:
+        raise ProtocolError(400, str(e)) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ResponseHeader:
+    """The fields every response and chunk of one request repeats."""
+
+    def __init__(self, prefix: str, model: str):
+        self.id, self.model, self.created = new_id(prefix), model, int(time.time())
+
+    def chat_completion(self, choices: list[dict], usage_: dict, **extra) -> dict:
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage_, **extra}
+
+    def chat_chunk(self, index: int, delta: dict, reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [{"index": index, "delta": delta,
+                                                  "logprobs": None, "finish_reason": reason}]}
+
+    def chat_usage_chunk(self, usage_: dict) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage_}
+
+    def completion(self, choices: list[dict], usage_: dict) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage_}
+
+    def completion_chunk(self, index: int, text: str, reason: str | None = None) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": [{"index": index, "text": text, "logprobs": None,
+                                                  "finish_reason": reason}]}
+
+    def completion_usage_chunk(self, usage_: dict) -> dict:
+        return {"id": self.id, "object": "text_completion", "created": self.created,
+                "model": self.model, "choices": [], "usage": usage_}
+
+
+def chat_choice(index: int, message: dict, reason: str | None) -> dict:
+    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+
+
+def completion_choice(index: int, text: str, reason: str | None) -> dict:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+
+
+def sse(payload: dict | str) -> bytes:
+    """One server-sent event; `payload` is a JSON object or the final "[DONE]"."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+def model_list(model: str, created: int) -> dict:
+    return {"object": "list", "data": [{"id": model, "object": "model", "created": created,
+                                        "owned_by": "k2jax"}]}

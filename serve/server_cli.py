@@ -1,0 +1,132 @@
+"""`k2jax serve`: the OpenAI-compatible HTTP server from the command line.
+
+Loads a checkpoint (or builds a preset with random weights), starts one engine in a background
+thread and serves `serve.server.OpenAIServer` with uvicorn until interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+EXAMPLE = """\
+example (random weights, CPU):
+  k2jax serve --preset tiny --port 8000 &
+  curl -s http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "k2jax-tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8}'
+
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+  client.chat.completions.create(model="k2jax-tiny", messages=[...], extra_body={"heavy": {"n": 4}})
+
+The API key comes from --api-key or the K2JAX_API_KEY environment variable; without either the
+server accepts every request (it binds 127.0.0.1 unless --host says otherwise).
+"""
+
+API_KEY_ENV = "K2JAX_API_KEY"
+PRESETS = ("tiny", "small")
+# The test tokenizer's built-in corpus supports at most this many ids (256 bytes + merges + 256
+# special slots).
+TEST_TOKENIZER_MAX_VOCAB = 1024
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="DIR", help="an Orbax checkpoint (k2jax.load)")
+    source.add_argument("--preset", choices=PRESETS,
+                        help="a small model with random weights, for trying the server out")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tiktoken.model (or its directory); default: the checkpoint's, or a "
+                             "test tokenizer for presets")
+    parser.add_argument("--model-name", help="the model id clients send (default: the preset "
+                                             "as k2jax-NAME, or the checkpoint's directory name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s)")
+    parser.add_argument("--port", type=int, default=8000, help="default %(default)s")
+    parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                        help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="sequences decoded together (default %(default)s)")
+    parser.add_argument("--max-seq-len", type=int,
+                        help="context per sequence, prompt + output (default: the model's, at "
+                             "most 4096)")
+    parser.add_argument("--max-prompt-tokens", type=int,
+                        help="longest prompt accepted (default: the context minus one)")
+    parser.add_argument("--max-tokens", type=int,
+                        help="most output tokens per completion (default: the context minus one)")
+    parser.add_argument("--seed", type=int, default=0, help="random weights' seed for presets")
+    parser.add_argument("--log-level", default="info",
+                        choices=("critical", "error", "warning", "info", "debug"))
+
+
+def load_model_and_tokenizer(args):
+    """`(config, params, tokenizer, model_name)` from the command-line arguments."""
+    import jax
+
+    import k2jax
+    from k2jax.text.testing import tiny_tokenizer
+    from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME, K2Tokenizer
+
+    if args.checkpoint:
+        config, params = k2jax.load(args.checkpoint)
+        name = os.path.basename(os.path.normpath(args.checkpoint))
+        bundled = os.path.join(args.checkpoint, TIKTOKEN_FILE_NAME)
+        tokenizer_path = args.tokenizer or (bundled if os.path.exists(bundled) else None)
+        if tokenizer_path is None:
+            raise ValueError(f"no {TIKTOKEN_FILE_NAME} in {args.checkpoint}; give --tokenizer")
+        tokenizer = K2Tokenizer.from_file(tokenizer_path)
+    else:
+        config = k2jax.ModelConfig.preset(args.preset)
+        name = f"k2jax-{args.preset}"
+        if args.tokenizer:
+            tokenizer = K2Tokenizer.from_file(args.tokenizer)
+        else:
+            tokenizer = tiny_tokenizer(min(config.vocab_size, TEST_TOKENIZER_MAX_VOCAB))
+            print(f"note: --preset {args.preset} has no tokenizer: using the {tokenizer.vocab_size}"
+                  "-id test tokenizer (k2jax.text.testing.tiny_tokenizer); the weights are "
+                  "random, so the text is too", file=sys.stderr)
+        if tokenizer.vocab_size < config.vocab_size:
+            print(f"note: the random model's vocabulary is cut from {config.vocab_size} to the "
+                  f"tokenizer's {tokenizer.vocab_size} ids", file=sys.stderr)
+        config = preset_for_tokenizer(config, tokenizer)
+        params = k2jax.init_params(config, jax.random.key(args.seed))
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
+                         f"{config.vocab_size}")
+    return config, params, tokenizer, args.model_name or name
+
+
+def preset_for_tokenizer(config, tokenizer):
+    """A preset whose vocabulary and bos/eos ids are the tokenizer's (random weights only:
+    the presets' own ids are placeholders, and eos 2 would be a byte of a test tokenizer)."""
+    return dataclasses.replace(config, vocab_size=tokenizer.vocab_size,
+                               bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from serve import chat
+    from serve.engine import Engine
+    from serve.engine_loop import EngineLoop
+    from serve.server import OpenAIServer, ServerLimits
+
+    config, params, tokenizer, model_name = load_model_and_tokenizer(args)
+    engine = Engine(config, params, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                    detokenize=chat.detokenizer(tokenizer))
+    context = engine.max_seq_len
+    limits = ServerLimits(max_seq_len=context,
+                          max_prompt_tokens=args.max_prompt_tokens or context - 1,
+                          max_tokens=args.max_tokens or context - 1)
+    loop = EngineLoop(engine).start()
+    app = OpenAIServer(loop, tokenizer, model_name=model_name, limits=limits,
+                       api_key=args.api_key).app()
+    print(f"serving {model_name!r} on http://{args.host}:{args.port}/v1 (context {context}, "
+          f"max batch {args.max_batch}{', API key required' if args.api_key else ''})",
+          file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        loop.stop()
+    return 0
