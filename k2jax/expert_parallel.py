@@ -7,9 +7,9 @@ Used by the MoE layer when the current mesh splits the routed experts (`E` over 
   permute    sort this device's T*K token copies by expert; experts are owned in contiguous
              blocks of E_loc = E / P, so the copies for each device are contiguous too
   dispatch   all-to-all over the expert-parallel group of P devices
-  experts    local SwiGLU on the E_loc local experts with grouped matmuls (`moe.expert_swiglu`);
+  experts    local SwiGLU on the E_loc local experts with grouped matmuls (`moe.expert_swiglu`)
+  combine    the reverse all-to-all, then un-sort and weight-sum the k copies (`moe.unpermute`);
              a psum over "tensor" when the expert width M is split over it
-  combine    the reverse all-to-all, then un-sort and weight-sum the k copies (`moe.unpermute`)
 
 Two dispatch implementations, equal in result, both dropless by default:
 - "dense": `all_to_all` of a fixed `[P, C, D]` buffer per device. C, the rows one device may
@@ -220,8 +220,7 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
     width_axes = _names(gate_spec[2])  # the expert width M, split over tensor: partial sums
 
     def compute(x_rd, ids_r, local_kernels):
-        y = _local_experts(x_rd, ids_r, experts_per_device, local_kernels, dtype)
-        return jax.lax.psum(y, width_axes) if width_axes else y
+        return _local_experts(x_rd, ids_r, experts_per_device, local_kernels, dtype)
 
     def per_device(x_td, weights_tk, indices_tk, local_kernels):
         from k2jax.moe import unpermute  # moe imports this module
@@ -236,7 +235,10 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
             y_sorted = _dense_exchange(x_sorted, dest, slot, local_expert, **kw)
         else:
             y_sorted = _ragged_exchange(x_sorted, local_expert, send_counts, send_starts, **kw)
-        return unpermute(y_sorted, order, weights_tk)
+        y_td = unpermute(y_sorted, order, weights_tk)
+        # Every step after the expert matmuls is linear, so the partial sums over a split expert
+        # width are reduced last, on T_loc rows rather than the P*C-row dispatch buffer.
+        return jax.lax.psum(y_td, width_axes) if width_axes else y_td
 
     rows = PartitionSpec(token_axes or None, None)
     # Pin the router outputs to the token split so XLA reshards nothing at the boundary.
