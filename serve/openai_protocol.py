@@ -121,7 +121,7 @@ def parse_request(body: bytes, model_cls: type[_Strict]):
         path = _error_path(errors[0]["loc"])
         if errors[0]["type"] == "extra_forbidden":
             raise ProtocolError(400, f"unsupported parameter {path!r}", path) from None
-        if errors[0]["type"] == "model_type":
+        if not errors[0]["loc"]:
             raise ProtocolError(400, "request body must be a JSON object") from None
         # A union field fails once per member: say what each member wanted.
         wanted = dict.fromkeys(err["msg"] for err in errors if _error_path(err["loc"]) == path)
