@@ -113,7 +113,9 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
     Args:
       model_or_checkpoint: a checkpoint path or `(config, params)`.
       prompts: a prompt or a list of them; a prompt is a list of token ids (or text, with a
-        tokenizer).
+        tokenizer). A conversation (a list of OpenAI message dicts) or a list of them goes to
+        `serve.chat.generate_chat`: rendered with the chat template, results parsed into
+        `reasoning_content`, `content` and `tool_calls` (`tools=` and `heavy=` accepted there).
       tokenizer: optional; encodes text prompts, decodes `text`, enables `stop` strings.
       sampling_params: a `SamplingParams` or one per prompt (instead of keyword arguments).
       **kwargs: sampling parameters (`max_new_tokens`/`max_tokens`, `temperature`, `top_p`,
@@ -122,6 +124,11 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
         `max_seq_len`, `page_size`, `num_pages`, `cache_dtype`, `prefill_chunk`,
         `prefix_sharing`). Anything else raises.
     """
+    from serve import chat  # chat builds on this module
+
+    if chat.is_chat(prompts):
+        return chat.generate_chat(model_or_checkpoint, prompts, tokenizer=tokenizer,
+                                  sampling_params=sampling_params, **kwargs)
     engine_options, sampling_kwargs = _split_options(dict(kwargs))
     prompt_ids = _prompt_list(prompts, tokenizer)
     params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
