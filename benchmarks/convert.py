@@ -5,7 +5,7 @@
 
 The source is Kimi K2 Thinking at its real widths (hidden 7168, 64 heads, q/kv lora 1536/512,
 dense ffn 18432, expert ffn 2048, INT4 routed experts with K2 Thinking's quantization_config) but
-with fewer layers, experts and vocabulary: ~4.7 GB by default, written in hub format with an
+with fewer layers, experts and vocabulary: ~3.3 GB by default, written in hub format with an
 index, one shard per layer. Each row runs in its own process (so peak RSS is that step's), in
 this order, on the same files:
 
@@ -15,8 +15,10 @@ this order, on the same files:
   convert      `convert_to_orbax`: streaming, per layer / per expert, resumable
   export       `convert_to_hf`: the converted checkpoint back to hub safetensors
 
-Times are wall clock with the files in the page cache (they were just written), so they show
-CPU cost over a fast disk; `RSS base` is the process after imports, `RSS peak` its maximum.
+Times are wall clock (and CPU seconds, all threads) with the source in the page cache (it was
+just written); GB/s is source bytes per second. `RSS base` is the process after imports,
+`RSS peak` its maximum. The in-memory row is skipped when free memory is short of ~4x the
+source.
 Everything is written under --workdir and removed at the end.
 """
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import pathlib
+import resource
 import shutil
 import subprocess
 import sys
@@ -34,6 +37,8 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "convert.json"
+# The in-memory alternative holds every INT4 value in a byte, plus one leaf stacked twice.
+IN_MEMORY_FACTOR = 4
 sys.path.insert(0, str(ROOT))
 
 
@@ -115,22 +120,23 @@ def step_in_memory(src: str, dst: str) -> None:
             for item in unit.items:
                 leaves.setdefault(item.leaf, []).append(hf_layout.from_hub(item, hf.read))
     tree: dict = {}
-    for leaf, values in leaves.items():
-        stacked = len(_index_shape(config, leaf))
+    for leaf in list(leaves):
+        values = leaves.pop(leaf)  # stacked leaf by leaf, so at most one leaf is held twice
+        lead = _index_shape(config, leaf)
+
+        def stack(arrays):
+            return np.stack(arrays).reshape(lead + arrays[0].shape) if lead else arrays[0]
+
         if isinstance(values[0], quant.QuantizedWeight):
-            value = quant.QuantizedWeight(
-                np.stack([v.values for v in values]).reshape(
-                    _index_shape(config, leaf) + values[0].values.shape),
-                np.stack([v.scale for v in values]).reshape(
-                    _index_shape(config, leaf) + values[0].scale.shape))
+            value = quant.QuantizedWeight(stack([v.values for v in values]),
+                                          stack([v.scale for v in values]))
         else:
-            value = np.stack(values).reshape(_index_shape(config, leaf) + values[0].shape) \
-                if stacked else values[0]
+            value = stack(values)
+        del values
         node = tree
         for key in leaf[:-1]:
             node = node.setdefault(key, {})
         node[leaf[-1]] = value
-    del leaves
     checkpoint.save(dst, config, tree)
 
 
@@ -167,13 +173,20 @@ def child(step: str, src: str, dst: str) -> None:
     import k2jax.checkpoint  # noqa: F401
 
     base = _status_bytes("VmRSS")
+    cpu0 = _cpu_seconds()
     # Linux carries ru_maxrss across exec, so the peak is read from VmHWM, reset here.
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     start = time.perf_counter()
     STEPS[step](src, dst)
     seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "rss_base": base, "rss_peak": _status_bytes("VmHWM")}))
+    print(json.dumps({"seconds": seconds, "cpu_seconds": _cpu_seconds() - cpu0,
+                      "rss_base": base, "rss_peak": _status_bytes("VmHWM")}))
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _status_bytes(key: str) -> int:
@@ -191,14 +204,22 @@ def run_step(step: str, src: str, dst: str) -> dict:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def _available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--moe-layers", type=int, default=3)
-    parser.add_argument("--experts", type=int, default=32)
+    parser.add_argument("--moe-layers", type=int, default=2)
+    parser.add_argument("--experts", type=int, default=24)
     parser.add_argument("--vocab", type=int, default=16384)
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SRC", "DST"),
@@ -215,6 +236,10 @@ def main() -> None:
         for step, inp, out in (("raw read", src, ""), ("in-memory", src, "in_memory"),
                                ("convert", src, "converted"),
                                ("export", os.path.join(work, "converted"), "exported")):
+            if step == "in-memory" and _available_memory() < IN_MEMORY_FACTOR * source_bytes:
+                print(f"in-memory: skipped, needs ~{IN_MEMORY_FACTOR}x the source's "
+                      f"{source_bytes / 1e9:.1f} GB of free memory")
+                continue
             rows[step] = run_step(step, inp, os.path.join(work, out) if out else "")
             rows[step]["output_bytes"] = _size(os.path.join(work, out)) if out else 0
             if step == "in-memory":
@@ -231,12 +256,12 @@ def report(config, source_bytes: int, rows: dict) -> None:
     print(f"source: {source_bytes / gb:.2f} GB, K2 Thinking widths, {config.num_hidden_layers} "
           f"layers ({config.num_moe_layers} MoE x {config.n_routed_experts} INT4 experts), "
           f"vocab {config.vocab_size}; {os.cpu_count()} CPUs, {platform.machine()}")
-    print(f"{'step':<11} {'seconds':>8} {'GB/s':>6} {'RSS base':>9} {'RSS peak':>9} "
-          f"{'output':>8}")
+    print(f"{'step':<11} {'seconds':>8} {'CPU s':>7} {'GB/s':>6} {'RSS base':>9} "
+          f"{'RSS peak':>9} {'output':>8}")
     for step, r in rows.items():
-        print(f"{step:<11} {r['seconds']:8.1f} {source_bytes / r['seconds'] / gb:6.2f} "
-              f"{r['rss_base'] / gb:8.2f}G {r['rss_peak'] / gb:8.2f}G "
-              f"{r['output_bytes'] / gb:7.2f}G")
+        print(f"{step:<11} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} "
+              f"{source_bytes / r['seconds'] / gb:6.2f} {r['rss_base'] / gb:8.2f}G "
+              f"{r['rss_peak'] / gb:8.2f}G {r['output_bytes'] / gb:7.2f}G")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, page-cache-warm files",

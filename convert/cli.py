@@ -12,8 +12,8 @@ import sys
 
 EXAMPLE = """\
 example (tiny config on a CPU, seconds):
-  python -c "import jax, k2jax; from k2jax.checkpoint import save; \\
-c = k2jax.ModelConfig.preset('tiny'); save('/tmp/k2-tiny', c, k2jax.init_params(c, jax.random.key(0)))"
+  python -c "import jax, k2jax; c = k2jax.ModelConfig.preset('tiny'); \\
+k2jax.save('/tmp/k2-tiny', c, k2jax.init_params(c, jax.random.key(0)))"
   k2jax convert --to hf /tmp/k2-tiny /tmp/k2-tiny-hf
   k2jax convert /tmp/k2-tiny-hf /tmp/k2-tiny-orbax
 

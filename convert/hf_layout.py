@@ -1,12 +1,14 @@
 """The one table between hub tensor names and k2jax tree paths, and the transforms between them.
 
-    hub (DeepSeek-V3 / Kimi K2; linears [out, in])    k2jax tree (`k2jax.model`; kernels [in, out])
-    model.embed_tokens.weight          [V, D]         embed_tokens/embedding        [V, D]
-    model.norm.weight                  [D]            norm/scale                    [D]
-    lm_head                            [V, D]         lm_head/kernel                [D, V]
-    model.layers.{i}.<rule>                           dense_layers/<path>[i]        i < first_k_dense_replace
-                                                      moe_layers/<path>[i - first_k_dense_replace]
-    model.layers.{i}.mlp.experts.{e}.<proj>           moe_layers/mlp/experts/<proj>/kernel[i', e]
+    hub (DeepSeek-V3 / Kimi K2; linears [out, in])  k2jax tree (`k2jax.model`; kernels [in, out])
+    model.embed_tokens.weight          [V, D]       embed_tokens/embedding        [V, D]
+    model.norm.weight                  [D]          norm/scale                    [D]
+    lm_head                            [V, D]       lm_head/kernel                [D, V]
+    model.layers.{i}.<rule>                         dense_layers/<path>[i]        (i < k)
+                                                    moe_layers/<path>[i - k]      (i >= k)
+    model.layers.{i}.mlp.experts.{e}.<proj>         moe_layers/mlp/experts/<proj>/kernel[i-k, e]
+
+with k = `first_k_dense_replace`.
 
 Tensors of layers past `num_hidden_layers` (DeepSeek-V3's multi-token-prediction layer 61,
 `num_nextn_predict_layers`) are skipped: k2jax does not run multi-token prediction.

@@ -131,6 +131,8 @@ class HFCheckpoint:
             raise ConversionError(f"{self.directory}: no such directory")
         listing = os.listdir(self.directory)
         self.config = self._read_json("config.json")
+        # The file that says where tensors are: missing ones are reported against it.
+        self.index_name = INDEX_FILE if INDEX_FILE in listing else SINGLE_FILE
         if INDEX_FILE in listing:
             weight_map = self._read_json(INDEX_FILE).get("weight_map")
             if not isinstance(weight_map, dict) or not weight_map:

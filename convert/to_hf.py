@@ -4,12 +4,12 @@ Writes `config.json` (`ModelConfig.to_hf()`, plus a compressed-tensors `quantiza
 when the checkpoint holds INT4 `QuantizedWeight`s), `model-0000i-of-0000n.safetensors` shards
 in hub naming (per-expert linears, `[out, in]`) and `model.safetensors.index.json`.
 
-Tensors are read one slice at a time from the Orbax arrays (`convert.store.open_for_reading`)
-and appended to the open shard, whose header is computed up front from the shapes alone, so
-memory stays near one tensor. A bf16/f32 leaf is written in its own dtype, an INT4 leaf as
-`weight_packed`/`weight_scale`/`weight_shape`: converting a hub checkpoint in and back out
-reproduces every tensor byte for byte. The directory is assembled in `OUT.partial` and renamed
-when complete; an interrupted export starts over.
+Tensors are read slice by slice from the Orbax arrays (`convert.store.open_for_reading`), a few
+at a time on a thread pool, and appended in order to the open shard, whose header is computed
+up front from the shapes alone, so memory stays near a few tensors. A bf16/f32 leaf is written
+in its own dtype, an INT4 leaf as `weight_packed`/`weight_scale`/`weight_shape`: converting a
+hub checkpoint in and back out reproduces every tensor byte for byte. The directory is
+assembled in `OUT.partial` and renamed when complete; an interrupted export starts over.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert import hf_layout, store
+from convert.pipeline import ordered_map, thread_pool
 from convert.reader import DTYPES, INDEX_FILE, ConversionError
 from k2jax import quant
 from k2jax.checkpoint import PARAMS_DIR, read_config, write_json_atomic
@@ -119,16 +120,19 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = DEFAULT_SHARD_BYT
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
     weight_map, total = {}, 0
+
+    def export(item):
+        return item, hf_layout.to_hub(item, _read_item(arrays, item))
+
     with tqdm(total=sum(_header(s)[1] for s in shards), unit="B", unit_scale=True,
               unit_divisor=1024, disable=not progress, desc="export", file=sys.stderr,
-              dynamic_ncols=True) as bar:
+              dynamic_ncols=True) as bar, thread_pool() as pool:
         for n, items in enumerate(shards, 1):
             file = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
             header, data_bytes = _header(items)
             with open(os.path.join(partial, file), "wb") as f:
                 f.write(header)
-                for item in items:
-                    tensors = hf_layout.to_hub(item, _read_item(arrays, item))
+                for item, tensors in ordered_map(pool, export, items):
                     for name, (shape, dtype) in hf_layout.export_specs(item).items():
                         array = tensors[name]
                         if array.shape != shape or array.dtype != DTYPES[dtype]:

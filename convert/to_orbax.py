@@ -22,16 +22,15 @@ refuses a directory without `config.json`, which is written last.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import json
 import os
 import shutil
 import sys
 
-import numpy as np
 from tqdm import tqdm
 
 from convert import hf_layout, store
+from convert.pipeline import ordered_map, thread_pool
 from convert.reader import ConversionError, HFCheckpoint
 from k2jax import quant
 from k2jax.checkpoint import (CONFIG_FILE, PARAMS_DIR, config_to_json, read_config,
@@ -43,8 +42,6 @@ PROVENANCE_FILE = "conversion.json"
 # Bytes of converted slices allowed in tensorstore's write queue before the reader waits:
 # reading overlaps compression and writing without holding a layer in memory.
 WRITE_QUEUE_BYTES = 1 << 30
-# Threads that read and transform tensors; tensorstore compresses and writes on its own pool.
-WORKERS = min(16, os.cpu_count() or 1)
 
 
 def target_config(source: ModelConfig, dtype: str | None) -> ModelConfig:
@@ -82,8 +79,9 @@ def validate(hf: HFCheckpoint, units, source: ModelConfig, fp8) -> dict[str, lis
             for name, (shape, dtypes) in want.items():
                 info = hf.tensors.get(name)
                 if info is None:
-                    problems.append(f"missing tensor {name} ({'/'.join(dtypes)}{list(shape)}, "
-                                    f"for {'/'.join(item.leaf)})")
+                    problems.append(f"{hf.index_name}: missing tensor {name} ("
+                                    f"{'/'.join(dtypes)}{list(shape)}, for "
+                                    f"{'/'.join(item.leaf)})")
                 elif info.shape != shape:
                     problems.append(f"{info.file}: {name}: shape {list(info.shape)}, "
                                     f"config.json implies {list(shape)}")
@@ -137,6 +135,7 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         provenance = {"source": hf.fingerprint(), "dtype": dtype, "format": 1}
         skipped = sorted(hf.tensors.keys() - {n for names in reads.values() for n in names})
         if _already_done(out, partial, provenance):
+            log(f"{out} already holds this conversion")
             return read_config(out)
         if skipped:
             log(f"skipping {len(skipped)} tensors of layers past num_hidden_layers="
@@ -152,29 +151,22 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         total = sum(hf.tensors[n].nbytes for u in todo for i in u.items for n in reads[i.hf])
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0.05,
                   disable=not progress, desc="convert", dynamic_ncols=True) as bar, \
-                concurrent.futures.ThreadPoolExecutor(WORKERS) as pool:
+                thread_pool() as pool:
             for unit in todo:
                 _convert_unit(unit, hf, arrays, reads, fp8, bar, pool)
+                os.sync()  # the unit's chunks reach the disk before its marker does
                 _touch(os.path.join(done_dir, unit.name))
         _finalize(out, partial, params_dir, specs, target, provenance)
     return target
 
 
-class _Pipeline:
-    """Loads items on a thread pool (numpy releases the GIL in reads, shifts and copies) and
-    writes them in order, bounding both the loads in flight and tensorstore's write queue."""
+class _Writer:
+    """Writes converted slices, waiting on the oldest writes once `WRITE_QUEUE_BYTES` are queued."""
 
-    def __init__(self, arrays, load, pool):
-        self.arrays, self.load, self.pool = arrays, load, pool
-        self.loads, self.writes, self.queued = collections.deque(), collections.deque(), 0
+    def __init__(self, arrays):
+        self.arrays, self.writes, self.queued = arrays, collections.deque(), 0
 
-    def submit(self, item) -> None:
-        self.loads.append(self.pool.submit(self.load, item))
-        if len(self.loads) > 2 * WORKERS:
-            self._write_next()
-
-    def _write_next(self) -> None:
-        item, value = self.loads.popleft().result()
+    def write(self, item, value) -> None:
         parts = ({"values": value.values, "scale": value.scale}
                  if isinstance(value, quant.QuantizedWeight) else {None: value})
         for field, array in parts.items():
@@ -185,16 +177,16 @@ class _Pipeline:
             self.writes.append((write, array.nbytes))
             self.queued += array.nbytes
         while self.queued > WRITE_QUEUE_BYTES:
-            future, nbytes = self.writes.popleft()
-            future.result()
-            self.queued -= nbytes
+            self._wait_oldest()
 
     def finish(self) -> None:
-        while self.loads:
-            self._write_next()
         while self.writes:
-            self.writes.popleft()[0].result()
-        self.queued = 0
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        future, nbytes = self.writes.popleft()
+        future.result()
+        self.queued -= nbytes
 
 
 def _convert_unit(unit, hf, arrays, reads, fp8, bar, pool) -> None:
@@ -213,10 +205,10 @@ def _convert_unit(unit, hf, arrays, reads, fp8, bar, pool) -> None:
             files = sorted({hf.tensors[n].file for n in reads[item.hf]})
             raise ConversionError(f"{', '.join(files)}: {item.hf}: {e}") from None
 
-    pipeline = _Pipeline(arrays, load, pool)
-    for item in unit.items:
-        pipeline.submit(item)
-    pipeline.finish()
+    writer = _Writer(arrays)
+    for item, value in ordered_map(pool, load, unit.items):
+        writer.write(item, value)
+    writer.finish()
 
 
 def _array_specs(units) -> dict[str, store.ArraySpec]:
@@ -277,8 +269,12 @@ def _prepare(partial: str, provenance: dict, log) -> str:
         log(f"resuming {partial}: {done} units done"
             + (f", {removed} interrupted chunk writes discarded" if removed else ""))
     else:
-        os.makedirs(os.path.join(state, "done"))
-        write_json_atomic(plan_file, provenance)
+        # Assembled aside and renamed, so `partial` never exists without its plan.
+        fresh = partial + ".new"
+        shutil.rmtree(fresh, ignore_errors=True)
+        os.makedirs(os.path.join(fresh, STATE_DIR, "done"))
+        write_json_atomic(os.path.join(fresh, STATE_DIR, "plan.json"), provenance)
+        os.rename(fresh, partial)
     return state
 
 

@@ -112,7 +112,9 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shar
     check_stored_tree(params_dir, abstract)
     if shardings is None:
         if mesh is not None:
-            shardings = _mesh_shardings(config, mesh)
+            from k2jax import sharding
+
+            shardings = sharding.param_shardings(config, mesh)
         else:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, abstract)
@@ -125,15 +127,6 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shar
         params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(
             item=target, restore_args=restore_args))
     return config, params
-
-
-def _mesh_shardings(config: ModelConfig, mesh):
-    try:
-        from k2jax import sharding
-    except ImportError:
-        raise CheckpointError("placing a checkpoint on a mesh needs k2jax.sharding, which "
-                              "this installation lacks; pass shardings= instead") from None
-    return sharding.param_shardings(config, mesh)
 
 
 def leaf_paths(tree) -> dict[tuple[str, ...], object]:

@@ -58,7 +58,7 @@ def test_missing_tensor(hub_copy, tmp_path):
     index = _index(hub_copy)
     del index["weight_map"][name]
     _write_index(hub_copy, index)
-    _convert_fails(hub_copy, tmp_path, f"missing tensor {name} (F32/BF16/F16[32, 64], "
+    _convert_fails(hub_copy, tmp_path, f"{INDEX}: missing tensor {name} (F32/BF16/F16[32, 64], "
                    "for moe_layers/mlp/experts/up_proj/kernel)")
 
 
@@ -80,7 +80,8 @@ def test_wrong_shape(hub_copy, tmp_path):
 
 def test_wrong_dtype(hub_copy, tmp_path):
     name = "model.norm.weight"
-    file = _edit_shard(hub_copy, name, lambda t: t.update({name: torch.ones(64, dtype=torch.int32)}))
+    file = _edit_shard(hub_copy, name,
+                       lambda t: t.update({name: torch.ones(64, dtype=torch.int32)}))
     _convert_fails(hub_copy, tmp_path, f"{file}: {name}: dtype I32, expected F32 or BF16 or F16")
 
 

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 import torch
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationScheme
@@ -182,4 +181,19 @@ def test_load_places_leaves_on_given_shardings(k2_int4_hub, tmp_path):
     values = sharded["moe_layers"]["mlp"]["experts"]["up_proj"]["kernel"].values
     assert values.sharding == expert_axis
     assert values.addressable_shards[0].data.shape[1] == values.shape[1] // 4
+    _assert_trees_equal(jax.device_get(sharded), jax.device_get(params))
+
+
+def test_load_onto_a_mesh_uses_the_parameter_shardings(k2_int4_hub, tmp_path):
+    from k2jax import sharding
+
+    convert_to_orbax(k2_int4_hub.path, tmp_path / "ckpt", progress=False)
+    config, params = load(tmp_path / "ckpt")
+    mesh = sharding.make_mesh("expert=4,tensor=2")
+    _, sharded = load(tmp_path / "ckpt", mesh)
+    expected = sharding.param_shardings(config, mesh)
+    got = jax.tree.map(lambda x: x.sharding, sharded)
+    assert jax.tree.leaves(got) == jax.tree.leaves(expected)
+    values = sharded["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"].values
+    assert values.addressable_shards[0].data.shape[1] == config.n_routed_experts // 4
     _assert_trees_equal(jax.device_get(sharded), jax.device_get(params))
