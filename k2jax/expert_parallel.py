@@ -12,11 +12,13 @@ Used by the MoE layer when the current mesh splits the routed experts (`E` over 
              a psum over "tensor" when the expert width M is split over it
 
 Two dispatch implementations, equal in result, both dropless by default:
-- "dense": `all_to_all` of a fixed `[P, C, D]` buffer per device. C, the rows one device may
-  send another, is the worst case T_loc * min(K, E_loc) unless a `capacity_factor` is given
-  (then copies past C are dropped). Works on every backend; XLA:CPU has nothing else.
-- "ragged": `ragged_all_to_all` of the exact rows (GPU/TPU), into a worst-case receive buffer.
-"auto" picks ragged where the backend implements it.
+- "dense": `all_to_all` of a fixed `[P, C, D]` buffer per device. Works on every backend;
+  XLA:CPU has nothing else.
+- "ragged": `ragged_all_to_all` of the exact rows (GPU/TPU) into a `[P * C, D]` receive buffer.
+"auto" picks ragged where the backend implements it. C, the rows one device may send another,
+is the dropless worst case T_loc * min(K, E_loc), a P-fold over-provision of the even share
+T_loc * K / P; a `capacity_factor` sets C to that multiple of the even share instead, and
+copies past it are dropped (weighted zero), the same ones in both implementations.
 
 Tokens are split over all batch axes (data, fsdp, expert), padded to a multiple of their count;
 data-parallel ranks hold their own copy of the experts and never exchange tokens.
@@ -122,6 +124,9 @@ def _ragged_exchange(x_sorted, local_expert, send_counts, send_starts, *, axes, 
                      capacity, experts_per_device, compute):
     """Dispatch the exact rows with `ragged_all_to_all`, compute, and send the results back."""
     num_rows, d = x_sorted.shape
+    # Past the capacity, a device's last copies for a destination stay home and come back as
+    # zeros: the rows the dense buffer would drop.
+    send_counts = jnp.minimum(send_counts, capacity)
     counts_pp = jax.lax.all_gather(send_counts, axes)  # [source, destination]
     me = jax.lax.axis_index(axes)
     recv_counts = counts_pp[:, me]
@@ -129,7 +134,7 @@ def _ragged_exchange(x_sorted, local_expert, send_counts, send_starts, *, axes, 
     # Where this device's rows land on each receiver: after those of lower-ranked senders.
     land_starts = (jnp.cumsum(counts_pp, axis=0) - counts_pp)[me]
     # Where each sender keeps the rows it sent here: its own send offsets.
-    sender_starts = (jnp.cumsum(counts_pp, axis=1) - counts_pp)[:, me]
+    sender_starts = jax.lax.all_gather(send_starts, axes)[:, me]
     received = num_devices * capacity
     x_recv = ragged_all_to_all(x_sorted, jnp.zeros((received, d), x_sorted.dtype), send_starts,
                                send_counts, land_starts, recv_counts, axis_name=axes)
@@ -188,7 +193,7 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
       mesh: the current mesh (`Mesh` or `AbstractMesh`) with `expert_axes(mesh, E)` non-empty.
       impl: "auto", "dense" or "ragged" (see the module docstring).
       capacity_factor: None (dropless) or rows per device pair as a multiple of the even share
-        T_loc * K / P; dense dispatch only.
+        T_loc * K / P; each device keeps the copies of its lowest-numbered experts first.
     Returns:
       `[T, D]` weighted sum of each token's k expert outputs, in `x_td`'s dtype.
     """
@@ -208,8 +213,6 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
     capacity = tokens_local * min(top_k, experts_per_device)
     impl = resolve_impl(impl)
     if capacity_factor is not None:
-        if impl == "ragged":
-            raise ValueError("a capacity factor needs the dense dispatch (impl='dense')")
         even_share = tokens_local * top_k / num_devices
         capacity = max(1, min(capacity, math.ceil(capacity_factor * even_share)))
 

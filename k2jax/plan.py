@@ -13,8 +13,9 @@ carry their shardings, compiled ahead of time, and measured:
 
 A mesh larger than this machine's devices is planned on that many simulated CPU devices: the
 command re-runs itself with `--xla_force_host_platform_device_count=N`. XLA:CPU computes bf16
-matmuls in float32 and runs the reference (dequantizing) INT4 grouped matmul, so its activation
-figure is an upper bound for GPU/TPU; parameter, optimizer and cache figures are exact.
+matmuls and collectives in float32, runs the reference (dequantizing) INT4 grouped matmul and has
+only the dense all-to-all (worst-case buffers when dropless), so its activation and collective
+figures are upper bounds for GPU/TPU; parameter, optimizer and cache figures are exact.
 """
 
 from __future__ import annotations
@@ -228,6 +229,8 @@ def plan(config, mesh_shape, *, mode="serve", batch=8, seq=4096, prefill=False,
         "batch": batch,
         "seq": seq,
         "expert_parallel_axes": list(expert_parallel.expert_axes(mesh, config.n_routed_experts)),
+        "dispatch": expert_parallel.resolve_impl(dispatch),
+        "capacity_factor": capacity_factor,
         "param_bytes_total": tree_bytes(parts["params"], per_device=False),
         "per_device_bytes": per_device,
         "compiled_bytes": {"arguments": int(stats.argument_size_in_bytes),
@@ -323,7 +326,9 @@ def format_report(r: dict) -> str:
     lines = [f"{r.get('config', 'model')}: {r['step']} step, batch {r['batch']} x seq {r['seq']}, "
              f"mesh {mesh} ({r['devices']} {r['platform']} devices, compiled in "
              f"{r['compile_seconds']} s)",
-             f"  expert-parallel over: {','.join(r['expert_parallel_axes']) or 'none'}",
+             f"  expert-parallel over: {','.join(r['expert_parallel_axes']) or 'none'} "
+             f"({r['dispatch']} all-to-all, "
+             f"{'dropless' if r['capacity_factor'] is None else 'capacity factor %g' % r['capacity_factor']})",
              f"  parameters, all devices: {_size(r['param_bytes_total'])}",
              "  per device:"]
     for name, value in r["per_device_bytes"].items():
