@@ -116,8 +116,8 @@ def refuse_pickle(directory: str, files) -> None:
         raise ConversionError(
             f"{directory}: {pickles[0]} is a pickle-based checkpoint; k2jax reads only "
             "safetensors, because unpickling executes arbitrary code from the file. Convert it "
-            "with transformers first: from_pretrained(...).save_pretrained(dir) writes "
-            "safetensors")
+            "to safetensors with a tool you trust first (transformers' save_pretrained writes "
+            "safetensors)")
     raise ConversionError(f"{directory}: no {INDEX_FILE} or {SINGLE_FILE}")
 
 

@@ -190,15 +190,10 @@ class _Writer:
 
 
 def _convert_unit(unit, hf, arrays, reads, fp8, bar, pool) -> None:
-    def read(name):
-        value = hf.read(name)
-        bar.update(value.nbytes)
-        return value
-
     def load(item):
         stored_fp8 = fp8 if f"{item.hf}.weight_scale_inv" in reads[item.hf] else None
         try:
-            return item, hf_layout.from_hub(item, read, stored_fp8)
+            return item, hf_layout.from_hub(item, hf.read, stored_fp8)
         except ConversionError:
             raise
         except ValueError as e:
@@ -208,6 +203,7 @@ def _convert_unit(unit, hf, arrays, reads, fp8, bar, pool) -> None:
     writer = _Writer(arrays)
     for item, value in ordered_map(pool, load, unit.items):
         writer.write(item, value)
+        bar.update(sum(hf.tensors[n].nbytes for n in reads[item.hf]))
     writer.finish()
 
 

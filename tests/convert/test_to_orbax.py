@@ -4,6 +4,8 @@ float32 logits agree with HF's to 1e-4 of the largest logit (max |ours - hf| <= 
 stored values are compared bit for bit.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -68,6 +70,16 @@ def test_float32_source_matches_hf_logits(dsv3_hub, tmp_path):
     tokens = _tokens(config)
     got = np.asarray(k2jax.logits(config, params, jnp.asarray(tokens, jnp.int32)))
     assert _rel_err(got, hf_logits(dsv3_hub.model, tokens)) <= RTOL
+
+
+def test_single_file_checkpoint(dsv3_hub, tmp_path):
+    """A directory with one `model.safetensors` and no index converts the same."""
+    dsv3_hub.model.save_pretrained(tmp_path / "hub")
+    assert sorted(os.listdir(tmp_path / "hub")) == ["config.json", "generation_config.json",
+                                                    "model.safetensors"]
+    config = convert_to_orbax(tmp_path / "hub", tmp_path / "ckpt", progress=False)
+    _, params = load(tmp_path / "ckpt")
+    _assert_trees_equal(params, params_from_hf_model(config, dsv3_hub.model))
 
 
 def test_bf16_source_is_stored_bit_exactly(k2_hub, tmp_path):
