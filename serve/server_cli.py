@@ -62,8 +62,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_model_and_tokenizer(args):
     """`(config, params, tokenizer, model_name)` from the command-line arguments."""
-    import jax
-
     import k2jax
     from k2jax.text.testing import tiny_tokenizer
     from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME, K2Tokenizer
@@ -90,11 +88,37 @@ def load_model_and_tokenizer(args):
             print(f"note: the random model's vocabulary is cut from {config.vocab_size} to the "
                   f"tokenizer's {tokenizer.vocab_size} ids", file=sys.stderr)
         config = preset_for_tokenizer(config, tokenizer)
-        params = k2jax.init_params(config, jax.random.key(args.seed))
+        params = random_params(config, args.seed)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
                          f"{config.vocab_size}")
     return config, params, tokenizer, args.model_name or name
+
+
+def random_params(config, seed: int = 0):
+    """Random weights for trying a preset out: norms 1, router biases 0, everything else
+    normal(0, 0.02), drawn on the host into the abstract tree (`k2jax.init_params` compiles
+    the whole model's initialisation, many times slower on a CPU)."""
+    import jax
+    import numpy as np
+
+    import k2jax
+
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path[-1:])
+        if name == "['scale']":
+            values = np.ones(leaf.shape)
+        elif name == "['e_score_correction_bias']":
+            values = np.zeros(leaf.shape)
+        elif np.issubdtype(leaf.dtype, np.integer):
+            values = rng.integers(-8, 8, leaf.shape)
+        else:
+            values = rng.normal(0.0, 0.02, leaf.shape)
+        return jax.numpy.asarray(values, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, k2jax.param_shapes(config))
 
 
 def preset_for_tokenizer(config, tokenizer):
