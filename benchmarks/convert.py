@@ -236,9 +236,10 @@ def main() -> None:
         for step, inp, out in (("raw read", src, ""), ("in-memory", src, "in_memory"),
                                ("convert", src, "converted"),
                                ("export", os.path.join(work, "converted"), "exported")):
-            if step == "in-memory" and _available_memory() < IN_MEMORY_FACTOR * source_bytes:
+            free = _available_memory()
+            if step == "in-memory" and free < IN_MEMORY_FACTOR * source_bytes:
                 print(f"in-memory: skipped, needs ~{IN_MEMORY_FACTOR}x the source's "
-                      f"{source_bytes / 1e9:.1f} GB of free memory")
+                      f"{source_bytes / 1e9:.1f} GB of memory, {free / 1e9:.1f} GB available")
                 continue
             rows[step] = run_step(step, inp, os.path.join(work, out) if out else "")
             rows[step]["output_bytes"] = _size(os.path.join(work, out)) if out else 0

@@ -81,7 +81,8 @@ def save(path: str | os.PathLike, config: ModelConfig, params) -> None:
     partial = path + ".partial"
     primary = jax.process_index() == 0
     if primary and os.path.exists(partial):
-        shutil.rmtree(partial)
+        shutil.rmtree(partial)  # a save that died half way
+    _sync_hosts(f"k2jax.checkpoint.save:{path}:start")
     import orbax.checkpoint as ocp  # imported on use: it takes seconds, `import k2jax` not
 
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ckptr:
@@ -89,10 +90,14 @@ def save(path: str | os.PathLike, config: ModelConfig, params) -> None:
     if primary:
         write_json_atomic(os.path.join(partial, CONFIG_FILE), config_to_json(config))
         os.rename(partial, path)
+    _sync_hosts(f"k2jax.checkpoint.save:{path}:done")
+
+
+def _sync_hosts(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        multihost_utils.sync_global_devices(f"k2jax.checkpoint.save:{path}")
+        multihost_utils.sync_global_devices(name)
 
 
 def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shardings=None):
