@@ -88,10 +88,12 @@ class ChatCompletionRequest(_SamplingRequest):
     tool_choice: Literal["auto"] | None = None
     max_completion_tokens: int | None = Field(None, ge=1)
     heavy: HeavyOptions | None = None
+    logprobs: Literal[False] = False  # clients that send `false` explicitly still work
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
+    echo: Literal[False] = False
     max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
 
 

@@ -15,6 +15,17 @@ that disconnects, streaming or not, has its request removed from the engine at o
 Errors are OpenAI's error JSON: 400 for a bad request (naming the field), 401 for a missing or
 wrong API key, 404 for an unknown model, 413 for a prompt or body over the limits, 503 once
 the engine has failed.
+
+Request options (anything else is a 400 naming it):
+  both endpoints  model, max_tokens, temperature [0, 2], top_p, n [1, 16], stop, seed,
+                  presence_penalty, frequency_penalty, stream, stream_options.include_usage,
+                  user; vLLM's top_k, min_p, repetition_penalty, stop_token_ids
+  chat            messages, tools, tool_choice ("auto"), max_completion_tokens,
+                  logprobs (false only), heavy {"n": 2..16} (`serve.heavy`)
+  completions     prompt: text, token ids, or a list of either; echo (false only)
+`finish_reason` is "length" when cut by max_tokens or the context (reasoning counts against
+max_tokens), "tool_calls" when the message calls tools, else "stop". Usage counts the prompt
+and every generated token, the stop token included.
 """
 
 from __future__ import annotations
@@ -65,6 +76,11 @@ def _error_response(request: Request, error: ProtocolError) -> JSONResponse:
     return JSONResponse(error.to_json(), status_code=error.status)
 
 
+def _rejected_by_engine(request: Request, error: ValueError) -> JSONResponse:
+    # The engine validates what it is given (prompt ids, sampling values) with ValueError.
+    return JSONResponse(ProtocolError(400, str(error)).to_json(), status_code=400)
+
+
 def _engine_failure(request: Request, error: EngineFailure) -> JSONResponse:
     body = ProtocolError(503, str(error), kind="server_error").to_json()
     return JSONResponse(body, status_code=503)
@@ -99,7 +115,8 @@ class OpenAIServer:
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"])]
-        handlers = {ProtocolError: _error_response, EngineFailure: _engine_failure}
+        handlers = {ProtocolError: _error_response, EngineFailure: _engine_failure,
+                    ValueError: _rejected_by_engine}
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # ---- endpoints --------------------------------------------------------------------------
