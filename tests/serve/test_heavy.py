@@ -102,3 +102,25 @@ def test_heavy_options_are_validated(heavy_server):
             client.chat.completions.create(model=MODEL, messages=QUESTION,
                                            extra_body={"heavy": heavy})
         assert error.value.body["param"].startswith("heavy"), json.dumps(error.value.body)
+
+
+def test_generate_heavy_aggregates_the_candidates(tokenizer, monkeypatch):
+    from serve import generation
+
+    engines = []
+
+    def scripted_engine(*args, **kwargs):
+        engines.append(ScriptedEngine(tokenizer, _script(tokenizer)))
+        return engines[-1]
+
+    monkeypatch.setattr(generation, "make_engine", scripted_engine)
+    (result,) = generation.generate(("config", "params"), QUESTION, tokenizer=tokenizer,
+                                    heavy=3, max_tokens=20)
+    assert [c.content for c in result.candidates] == ["40", "41", "42"]
+    assert (result.reasoning_content, result.content, result.tool_calls) == ("All agree.", "42", [])
+    assert result.outputs[0].finish_reason == "stop"
+    candidates = [c.message() for c in result.candidates]
+    assert engines[1].prompts == [
+        chat.render(tokenizer, aggregation_messages(QUESTION, candidates)).token_ids]
+    with pytest.raises(ValueError, match="heavy"):
+        generation.generate(("config", "params"), QUESTION, tokenizer=tokenizer, heavy=1)
