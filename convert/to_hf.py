@@ -27,7 +27,8 @@ from convert import hf_layout, store
 from convert.pipeline import ordered_map, thread_pool
 from convert.reader import DTYPES, INDEX_FILE, ConversionError
 from k2jax import quant
-from k2jax.checkpoint import PARAMS_DIR, read_config, write_json_atomic
+from k2jax.api import param_shapes
+from k2jax.checkpoint import PARAMS_DIR, check_stored_tree, read_config, write_json_atomic
 from k2jax.config import ModelConfig
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
@@ -113,7 +114,9 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = DEFAULT_SHARD_BYT
     if os.path.exists(out):
         raise ConversionError(f"{out} already exists")
     config = read_config(ckpt_dir)
-    arrays = store.open_for_reading(os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR))
+    params_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR)
+    check_stored_tree(params_dir, param_shapes(config))
+    arrays = store.open_for_reading(params_dir)
     units = hf_layout.plan(config, config)
     shards = _shards(units, max_shard_bytes)
     partial = out + ".partial"

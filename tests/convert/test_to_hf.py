@@ -3,6 +3,7 @@ compressed-tensors read as their own."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import DeepseekV3ForCausalLM
 import k2jax
 from convert.to_hf import convert_to_hf
 from convert.to_orbax import convert_to_orbax
-from k2jax.checkpoint import save
+from k2jax.checkpoint import CheckpointError, save
 from tests.convert import hub
 
 
@@ -86,3 +87,17 @@ def test_export_of_a_saved_checkpoint(k2_int4_hub, tmp_path):
     assert exported.keys() == k2_int4_hub.tensors.keys()
     for name, t in k2_int4_hub.tensors.items():
         assert _as_bytes(exported[name]) == _as_bytes(t), name
+
+
+def test_arrays_that_do_not_match_config_are_refused(k2_hub, tmp_path):
+    convert_to_orbax(k2_hub.path, tmp_path / "ckpt", progress=False)
+    path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(path.read_text())
+    config["n_routed_experts"] = 16
+    path.write_text(json.dumps(config))
+    message = ("parameters do not match config.json: moe_layers/mlp/experts/down_proj/kernel "
+               "is bfloat16[2, 8, 32, 64], the config implies bfloat16[2, 16, 32, 64]")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        convert_to_hf(tmp_path / "ckpt", tmp_path / "hub", progress=False)
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        k2jax.load(tmp_path / "ckpt")
