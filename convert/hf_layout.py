@@ -38,6 +38,7 @@ import ml_dtypes
 import numpy as np
 
 from convert import transforms
+from k2jax import compressed_tensors
 from k2jax import quant
 from k2jax.api import param_shapes
 from k2jax.config import ModelConfig
@@ -196,9 +197,9 @@ def from_hub(item: Item, read: Callable[[str], np.ndarray], fp8: Fp8Blocks | Non
     if item.kind == TENSOR:
         return _cast(read(item.hf), tgt)
     if item.kind == TRANSPOSE:
-        return transforms.transpose(_cast(read(item.hf), tgt))
+        return compressed_tensors.transpose(_cast(read(item.hf), tgt))
     if is_int4(item):
-        qw = transforms.unpack_int4(read(f"{item.hf}.weight_packed"),
+        qw = compressed_tensors.unpack(read(f"{item.hf}.weight_packed"),
                                     read(f"{item.hf}.weight_scale"),
                                     read(f"{item.hf}.weight_shape"))
         if qw.values.shape != src.values.shape:
@@ -214,7 +215,7 @@ def from_hub(item: Item, read: Callable[[str], np.ndarray], fp8: Fp8Blocks | Non
     w = read(f"{item.hf}.weight")
     if fp8:
         w = transforms.dequantize_fp8(w, read(f"{item.hf}.weight_scale_inv"), fp8.block)
-    return transforms.transpose(_cast(w, tgt))
+    return compressed_tensors.transpose(_cast(w, tgt))
 
 
 # safetensors dtype written for each numpy dtype on export.
@@ -240,11 +241,11 @@ def export_specs(item: Item) -> dict[str, tuple[tuple[int, ...], str]]:
 def to_hub(item: Item, value) -> dict[str, np.ndarray]:
     """Inverse of `from_hub` for an unquantized-or-INT4 checkpoint: the hub tensors of `value`."""
     if is_int4(item):
-        return {f"{item.hf}.{k}": v for k, v in transforms.pack_int4(value).items()}
+        return {f"{item.hf}.{k}": v for k, v in compressed_tensors.pack(value).items()}
     if item.kind == TENSOR:
         return {item.hf: np.ascontiguousarray(value)}
     name = item.hf if item.kind == TRANSPOSE else f"{item.hf}.weight"
-    return {name: transforms.transpose(value)}
+    return {name: compressed_tensors.transpose(value)}
 
 
 _LAYER = re.compile(r"model\.layers\.(\d+)\.")

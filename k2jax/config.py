@@ -274,6 +274,8 @@ class ModelConfig:
                 "beta_fast": rs.beta_fast, "beta_slow": rs.beta_slow, "mscale": rs.mscale,
                 "mscale_all_dim": rs.mscale_all_dim,
             }
+            if not rs.truncate:  # the default is True; hub configs written so omit it
+                out["rope_scaling"]["truncate"] = False
         return out
 
 

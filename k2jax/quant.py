@@ -3,9 +3,8 @@
 Symmetric, group `g` (32 for K2 Thinking) along the input dimension, `w = values * scale` per
 group. Rounding is compressed-tensors': `scale = max|w| / 7.5`, `q = clip(round(w / scale), -8, 7)`.
 
-Also the bit-exact conversion to and from compressed-tensors `pack-quantized` checkpoints
-(`weight_packed` int32 `[out, in/8]`, `weight_scale` `[out, in/g]`, `weight_shape` `[2]`), done in
-numpy because the converter runs on the host.
+The bit-exact conversion to and from compressed-tensors `pack-quantized` checkpoints lives in
+`k2jax.compressed_tensors` (host-side numpy).
 """
 
 from __future__ import annotations
@@ -15,8 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
-import numpy as np
 
 from pallas_kernels import common as pallas_common
 from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
@@ -106,53 +103,3 @@ def grouped_matmul(x_mk: jax.Array, w: jax.Array | QuantizedWeight, group_sizes_
                                    group_sizes_e).astype(dtype)
     return jax.lax.ragged_dot(x_mk, w.astype(dtype), group_sizes_e,
                               preferred_element_type=jnp.float32).astype(dtype)
-
-
-_NIBBLES_PER_WORD = 8
-_NIBBLE_SHIFTS = np.arange(_NIBBLES_PER_WORD, dtype=np.uint32) * 4  # element i at bits 4i..4i+3
-
-
-def pack_compressed_tensors(qw: QuantizedWeight) -> dict[str, np.ndarray]:
-    """Exports `qw` (values `[..., in, out]`) as compressed-tensors `pack-quantized` tensors.
-
-    Returns numpy arrays: `weight_packed` int32 `[..., out, in/8]` (nibble `value + 8`, element i
-    of each word at bits 4i..4i+3), `weight_scale` bf16 `[..., out, in/g]` and `weight_shape`
-    int32 `[2] = [out, in]` (the shape of one linear, also for stacked leading dims).
-    """
-    values = np.asarray(qw.values).astype(np.int32)
-    *lead, din, dout = values.shape
-    if din % _NIBBLES_PER_WORD:
-        raise ValueError(f"input dim {din} is not a multiple of {_NIBBLES_PER_WORD}")
-    nibbles = np.swapaxes(values + 8, -1, -2).astype(np.uint32)
-    words = nibbles.reshape(*lead, dout, din // _NIBBLES_PER_WORD, _NIBBLES_PER_WORD)
-    # Nibbles occupy disjoint bits, so the sum is their bitwise or; uint32 keeps nibble 15 at
-    # bits 28..31 from overflowing, and the int32 view is the checkpoint's signed word.
-    packed = (words << _NIBBLE_SHIFTS).sum(axis=-1, dtype=np.uint32).view(np.int32)
-    scale = np.swapaxes(np.asarray(qw.scale), -1, -2).astype(ml_dtypes.bfloat16)
-    return {"weight_packed": np.ascontiguousarray(packed),
-            "weight_scale": np.ascontiguousarray(scale),
-            "weight_shape": np.array([dout, din], np.int32)}
-
-
-def unpack_compressed_tensors(weight_packed, weight_scale, weight_shape) -> QuantizedWeight:
-    """Imports compressed-tensors `pack-quantized` tensors as a `QuantizedWeight`.
-
-    Args:
-      weight_packed: int32 `[..., out, in/8]`.
-      weight_scale: `[..., out, in/g]` (bf16 in K2 Thinking; kept in its dtype).
-      weight_shape: `[2] = [out, in]`.
-    Returns:
-      `QuantizedWeight` of numpy arrays: values int4 `[..., in, out]`, scale `[..., in/g, out]`.
-    """
-    packed = np.asarray(weight_packed)
-    if packed.dtype != np.int32:
-        raise ValueError(f"weight_packed must be int32, got {packed.dtype}")
-    dout, din = (int(d) for d in np.asarray(weight_shape).reshape(-1))
-    *lead, rows, words = packed.shape
-    if rows != dout or words * _NIBBLES_PER_WORD < din:
-        raise ValueError(f"weight_packed {packed.shape} does not hold weight_shape {[dout, din]}")
-    nibbles = (packed.view(np.uint32)[..., None] >> _NIBBLE_SHIFTS) & 0xF
-    values = nibbles.reshape(*lead, dout, words * _NIBBLES_PER_WORD)[..., :din].astype(np.int8) - 8
-    scale = np.swapaxes(np.asarray(weight_scale), -1, -2)
-    return QuantizedWeight(np.ascontiguousarray(np.swapaxes(values, -1, -2)).astype(ml_dtypes.int4),
-                           np.ascontiguousarray(scale))

@@ -1,5 +1,6 @@
 """ModelConfig: presets, reading hub config.json in both key styles, clear rejections."""
 
+import dataclasses
 import json
 
 import jax
@@ -68,6 +69,12 @@ def test_to_hf_round_trips(name):
     back = ModelConfig.from_hf(json.loads(json.dumps(config.to_hf())),
                                quantized_linears=config.quantized_linears)
     assert back == config
+
+
+def test_untruncated_yarn_round_trips():
+    config = ModelConfig.preset("tiny")
+    config = config.replace(rope_scaling=dataclasses.replace(config.rope_scaling, truncate=False))
+    assert ModelConfig.from_hf(config.to_hf()) == config
 
 
 def test_hf_transformers_reads_our_config_and_back():

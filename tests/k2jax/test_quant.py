@@ -17,7 +17,7 @@ from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_d
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
-from k2jax import quant
+from k2jax import compressed_tensors, quant
 
 ARGS = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
 SHAPES_OUT_IN = [(64, 256), (48, 96), (8, 7168 // 14)]
@@ -62,7 +62,7 @@ def test_unpack_reads_compressed_tensors_tensors(shape):
     w = _bf16_weight_out_in(1, shape)
     q_ct, scale_ct = _ct_quantize(w)
     packed = pack_to_int32(q_ct, 4)
-    qw = quant.unpack_compressed_tensors(packed.numpy(), _to_np(scale_ct),
+    qw = compressed_tensors.unpack(packed.numpy(), _to_np(scale_ct),
                                          np.array(w.shape, np.int32))
     assert qw.values.dtype == jnp.int4 and qw.values.shape == (shape[1], shape[0])
     np.testing.assert_array_equal(qw.values.astype(np.int8).T, q_ct.numpy())
@@ -78,12 +78,13 @@ def test_unpack_reads_compressed_tensors_tensors(shape):
 def test_pack_is_what_compressed_tensors_writes_and_reads(shape):
     w = _bf16_weight_out_in(2, shape)
     qw = quant.quantize(jnp.asarray(_to_np(w).T), group_size=32)
-    tensors = quant.pack_compressed_tensors(qw)
+    tensors = compressed_tensors.pack(qw)
     assert tensors["weight_packed"].dtype == np.int32
     assert tensors["weight_packed"].shape == (shape[0], shape[1] // 8)
     assert tensors["weight_scale"].dtype == ml_dtypes.bfloat16
     assert tensors["weight_scale"].shape == (shape[0], shape[1] // 32)
-    np.testing.assert_array_equal(tensors["weight_shape"], np.array(shape, np.int32))
+    assert tensors["weight_shape"].dtype == np.int64  # as compressed-tensors writes it
+    np.testing.assert_array_equal(tensors["weight_shape"], np.array(shape))
     unpacked = unpack_from_int32(torch.from_numpy(tensors["weight_packed"]), 4,
                                  torch.Size(tensors["weight_shape"].tolist()))
     np.testing.assert_array_equal(unpacked.numpy(), np.asarray(qw.values).astype(np.int8).T)
@@ -95,16 +96,16 @@ def test_round_trip_of_stacked_experts_covers_every_nibble():
     # All 16 values in every nibble position, stacked [E, in, out].
     values = (np.arange(3 * 64 * 40) % 16 - 8).reshape(3, 64, 40).astype(ml_dtypes.int4)
     scale = np.random.default_rng(0).standard_normal((3, 2, 40)).astype(ml_dtypes.bfloat16)
-    tensors = quant.pack_compressed_tensors(quant.QuantizedWeight(values, scale))
+    tensors = compressed_tensors.pack(quant.QuantizedWeight(values, scale))
     assert tensors["weight_packed"].shape == (3, 40, 8)
-    back = quant.unpack_compressed_tensors(**tensors)
+    back = compressed_tensors.unpack(**tensors)
     np.testing.assert_array_equal(back.values.astype(np.int8), values.astype(np.int8))
     np.testing.assert_array_equal(back.scale.view(np.uint16), scale.view(np.uint16))
 
 
 def test_unpack_rejects_mismatched_shape():
     with pytest.raises(ValueError, match="does not hold"):
-        quant.unpack_compressed_tensors(np.zeros((4, 2), np.int32), np.zeros((4, 1)),
+        compressed_tensors.unpack(np.zeros((4, 2), np.int32), np.zeros((4, 1)),
                                         np.array([4, 32]))
 
 
