@@ -10,6 +10,7 @@ per token.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -22,32 +23,64 @@ from k2jax.layers import Linear, RMSNorm
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros rather than NaN
 
 
+def to_storage(x, dtype):
+    """Casts cache entries to their storage dtype; 8-bit floats saturate instead of turning
+    out-of-range values into NaN."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 1:
+        limit = float(jnp.finfo(dtype).max)
+        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
+    return x.astype(dtype)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LatentCache:
-    """Contiguous absorbed-MLA cache of one stack of layers (one layer's slice inside `scan`).
+    """Contiguous absorbed-MLA cache of one stack of layers.
 
     ckv: `[L, B, S, C]` normalised KV latent. kpe: `[L, B, S, R]` rotated shared rope key.
     Slot `s` of row `b` holds the token at position `s`.
 
-    The attention reads any cache through `write` and `read`, so other layouts (paged) only
-    need these two methods.
+    A cache layout is anything with `write(layer, ...)` and `read(layer)` (a paged one plugs
+    in the same way). The whole stack rides in the layer scan's carry, each layer writing its
+    slots in place and then reading its rows (`LayerCache`); scanned over instead, the cache
+    would be sliced and restacked, copied whole on every call.
     """
 
     ckv: jax.Array
     kpe: jax.Array
 
-    def write(self, positions_bt, ckv_btc, kpe_btr) -> "LatentCache":
-        """Stores this step's entries at their positions (out-of-range positions dropped)."""
-        rows = jnp.arange(self.ckv.shape[0])[:, None]
+    def write(self, layer, positions_bt, ckv_btc, kpe_btr) -> "LatentCache":
+        """Stores one layer's entries at their positions (out-of-range positions dropped)."""
+        slots_bt = jnp.where(positions_bt >= 0, positions_bt, self.ckv.shape[2])
+        rows = jnp.arange(self.ckv.shape[1])[:, None]
         return LatentCache(
-            self.ckv.at[rows, positions_bt].set(ckv_btc.astype(self.ckv.dtype), mode="drop"),
-            self.kpe.at[rows, positions_bt].set(kpe_btr.astype(self.kpe.dtype), mode="drop"))
+            self.ckv.at[layer, rows, slots_bt].set(to_storage(ckv_btc, self.ckv.dtype),
+                                                   mode="drop"),
+            self.kpe.at[layer, rows, slots_bt].set(to_storage(kpe_btr, self.kpe.dtype),
+                                                   mode="drop"))
+
+    def read(self, layer):
+        """`(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])` of one layer."""
+        ckv_bsc, kpe_bsr = self.ckv[layer], self.kpe[layer]
+        kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv_bsc.shape[1]), ckv_bsc.shape[:2])
+        return ckv_bsc, kpe_bsr, kv_pos_bs
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerCache:
+    """One layer's view of a stack's cache (any layout) inside the layer scan."""
+
+    stack: Any
+    layer: jax.Array
+
+    def write(self, positions_bt, ckv_btc, kpe_btr) -> "LayerCache":
+        return LayerCache(self.stack.write(self.layer, positions_bt, ckv_btc, kpe_btr),
+                          self.layer)
 
     def read(self):
-        """`(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])` to attend over."""
-        kv_pos_bs = jnp.broadcast_to(jnp.arange(self.ckv.shape[1]), self.ckv.shape[:2])
-        return self.ckv, self.kpe, kv_pos_bs
+        return self.stack.read(self.layer)
 
 
 def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
@@ -123,10 +156,10 @@ class MLAttention(nn.Module):
           x_btd: `[B, T, D]` normalised hidden states.
           positions_bt: int32 `[B, T]` absolute positions (cache slots when `cache` is given).
           segment_ids_bt: optional `[B, T]` ids of packed documents (cache-less form only).
-          cache: optional `LatentCache` of this layer (`ckv [B, S, C]`, `kpe [B, S, R]`);
-            selects the absorbed form and writes this step's entries at `positions_bt`.
+          cache: optional `LayerCache`, this layer's view of the stack's cache; selects the
+            absorbed form and writes this step's entries at `positions_bt`.
         Returns:
-          `[B, T, D]`, and the updated `LatentCache` (None without one).
+          `[B, T, D]`, and the updated `LayerCache` (None without one).
         """
         cfg = self.config
         cos, sin = rotary.cos_sin(cfg, positions_bt)

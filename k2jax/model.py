@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from k2jax.attention import MLAttention
+from k2jax.attention import LayerCache, MLAttention
 from k2jax.config import ModelConfig
 from k2jax.layers import Embed, Linear, RMSNorm
 from k2jax.moe import MLP, MoE
@@ -57,24 +57,41 @@ class DecoderLayer(nn.Module):
 
 
 def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
-                remat_policy: str | None, name: str) -> nn.Module:
+                remat_policy: str | None, name: str):
     """`num_layers` identical decoder layers, parameters stacked on axis 0, run by `scan`.
 
     Called as `(x_btd, stack_cache, positions_bt, segment_ids_bt) -> (x_btd, (cache, load))`.
+    The stack's cache rides in the scan carry; each layer sees it through a `LayerCache` and
+    updates its own slots in place.
     """
     layer = DecoderLayer
     if remat_policy is not None:
         layer = nn.remat(layer, prevent_cse=False,
                          policy=getattr(jax.checkpoint_policies, remat_policy))
+
+    def body(module, carry, index, positions_bt, segment_ids_bt):
+        x_btd, cache = carry
+        view = None if cache is None else LayerCache(cache, index)
+        x_btd, (view, load_e) = module(x_btd, view, positions_bt, segment_ids_bt)
+        return (x_btd, None if view is None else view.stack), load_e
+
     scanned = nn.scan(
-        layer,
+        body,
         variable_axes={"params": 0},
         split_rngs={"params": True},
         in_axes=(0, nn.broadcast, nn.broadcast),
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scanned(config, moe, qat, name=name)
+    module = layer(config, moe, qat, name=name)
+
+    def run(x_btd, stack_cache, positions_bt, segment_ids_bt):
+        (x_btd, stack_cache), load_le = scanned(module, (x_btd, stack_cache),
+                                                jnp.arange(num_layers), positions_bt,
+                                                segment_ids_bt)
+        return x_btd, (stack_cache, load_le)
+
+    return run
 
 
 class Transformer(nn.Module):

@@ -7,11 +7,11 @@ Each `step()`:
   3. runs one decode step over the occupied slots, one token each,
   4. retires the sequences that stopped (eos / stop ids / stop strings / max_new_tokens).
 
-Prefill and decode are one jitted forward (`_forward`, absorbed MLA over the pages) followed by
-the jitted sampler (`_sample`), with static shapes from buckets: rows a power of two up to `max_batch`, prompt
-chunks a power of two from 16 up to `prefill_chunk`, page-table width a power of two. Sampling
-options are run-time values, so a stream of requests reuses a handful of compiled programs
-whatever parameters they bring.
+Prefill and decode are one jitted forward (`_forward`, absorbed MLA over the pages) followed
+by the jitted sampler (`_sample`), with static shapes from buckets: rows a power of two up to
+`max_batch`, prompt chunks a power of two from 16 up to `prefill_chunk`, page-table width a
+power of two. Sampling options are run-time values, so a stream of requests reuses a handful of
+compiled programs whatever parameters they bring.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from k2jax.attention import to_storage
 from k2jax.config import ModelConfig
 
 STACKS = (("dense_layers", "num_dense_layers"), ("moe_layers", "num_moe_layers"))
@@ -26,61 +27,52 @@ STACKS = (("dense_layers", "num_dense_layers"), ("moe_layers", "num_moe_layers")
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class PagedLatentCache:
-    """Pages of one layer stack, as the model's `scan` sees them.
+    """Pages of one layer stack and the page table of the batch.
 
     ckv: `[L, num_pages, page_size, C]`, kpe: `[L, num_pages, page_size, R]`.
-    page_table: int32 `[L, B, pages_per_seq]`: the page holding positions
+    page_table: int32 `[B, pages_per_seq]`: the page holding positions
       `[i * page_size, (i + 1) * page_size)` of row b; entries >= num_pages are unallocated.
-      The same table is repeated on the layer axis because `scan` slices every leaf on it.
 
-    Inside a layer the leading `L` is gone. Positions outside a row's allocated pages (padding
-    uses -1) are dropped on write; reads of unallocated pages give zeros, which the causal mask
-    never attends to.
+    A layer writes only its new slots and reads only its rows' pages: a step's cost follows the
+    live tokens, not the size of the pool. Positions outside a row's allocated pages (padding
+    uses -1) are dropped on write; unallocated pages read as zeros, which the causal mask never
+    attends to.
     """
 
     ckv: jax.Array
     kpe: jax.Array
     page_table: jax.Array
 
-    def _slots(self, positions_bt):
-        num_pages, page_size = self.ckv.shape[:2]
+    def write(self, layer, positions_bt, ckv_btc, kpe_btr) -> "PagedLatentCache":
+        """Stores one layer's entries in the pages of their positions."""
+        num_pages, page_size = self.ckv.shape[1:3]
         width = self.page_table.shape[-1]
         index_bt = positions_bt // page_size
         page_bt = jnp.take_along_axis(self.page_table, jnp.clip(index_bt, 0, width - 1), axis=1)
         valid_bt = (positions_bt >= 0) & (index_bt < width) & (page_bt < num_pages)
-        return jnp.where(valid_bt, page_bt * page_size + positions_bt % page_size,
-                         num_pages * page_size)
-
-    def write(self, positions_bt, ckv_btc, kpe_btr) -> "PagedLatentCache":
-        """Stores this step's entries in the pages of their positions."""
-        slots_bt = self._slots(positions_bt)
+        page_bt = jnp.where(valid_bt, page_bt, num_pages)  # out of range: dropped
 
         def put(pages, new_btx):
-            flat = pages.reshape(-1, pages.shape[-1])
-            new_btx = _to_storage(new_btx, pages.dtype)
-            return flat.at[slots_bt].set(new_btx, mode="drop").reshape(pages.shape)
+            return pages.at[layer, page_bt, positions_bt % page_size].set(
+                to_storage(new_btx, pages.dtype), mode="drop")
 
         return PagedLatentCache(put(self.ckv, ckv_btc), put(self.kpe, kpe_btr), self.page_table)
 
-    def read(self):
-        """`(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])`, S = pages_per_seq x page_size."""
+    def read(self, layer):
+        """One layer's `(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])`, slot s holding
+        position s, S = pages_per_seq x page_size."""
         batch, width = self.page_table.shape
+        num_pages = self.ckv.shape[1]
+        allocated_bw11 = (self.page_table < num_pages)[..., None, None]
+        table_bw = jnp.minimum(self.page_table, num_pages - 1)
 
         def gather(pages):
-            rows = jnp.take(pages, self.page_table, axis=0, mode="fill", fill_value=0)
-            return rows.reshape(batch, width * pages.shape[1], pages.shape[-1])
+            rows = jnp.where(allocated_bw11, pages[layer, table_bw], 0)
+            return rows.reshape(batch, width * pages.shape[2], pages.shape[-1])
 
         ckv_bsc, kpe_bsr = gather(self.ckv), gather(self.kpe)
         kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv_bsc.shape[1]), ckv_bsc.shape[:2])
         return ckv_bsc, kpe_bsr, kv_pos_bs
-
-
-def _to_storage(x, dtype):
-    """Casts to the pool dtype; fp8 saturates instead of overflowing to NaN."""
-    if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits == 8:
-        limit = float(jnp.finfo(dtype).max)
-        x = jnp.clip(x.astype(jnp.float32), -limit, limit)
-    return x.astype(dtype)
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16):
@@ -96,9 +88,8 @@ def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bf
 
 
 def with_page_table(pools, page_table_bw):
-    """The model's cache argument: each stack's pools with the table repeated per layer."""
-    return {stack: PagedLatentCache(ckv, kpe, jnp.broadcast_to(
-                page_table_bw, (ckv.shape[0], *page_table_bw.shape)))
+    """The model's cache argument: each stack's pools with the batch's page table."""
+    return {stack: PagedLatentCache(ckv, kpe, page_table_bw)
             for stack, (ckv, kpe) in pools.items()}
 
 

@@ -82,7 +82,8 @@ class SamplingParams:
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
         need(-2 <= self.frequency_penalty <= 2,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
-        need(isinstance(self.n, int) and self.n >= 1, f"n must be a positive integer, got {self.n!r}")
+        need(isinstance(self.n, int) and self.n >= 1,
+             f"n must be a positive integer, got {self.n!r}")
         need(all(isinstance(s, str) and s for s in self.stop),
              f"stop must be non-empty strings, got {self.stop!r}")
         need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**31),

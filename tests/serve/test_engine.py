@@ -39,30 +39,31 @@ def test_cache_bytes_per_token_per_layer(dtype):
 
 def test_pages_write_and_read_in_position_order():
     """Entries land in the pages the table names, in any order, and read back by position;
-    padding positions (-1) and unallocated pages are never written."""
-    num_pages, size, c, r = 5, 4, 3, 2
+    padding positions (-1) and unallocated pages are never written; other layers untouched."""
+    layers, num_pages, size, c, r = 2, 5, 4, 3, 2
     table = jnp.array([[3, 0, 5], [1, 5, 5]])  # 5 = unallocated
-    cache = paged_cache.PagedLatentCache(jnp.zeros((num_pages, size, c)),
-                                         jnp.zeros((num_pages, size, r)), table)
+    cache = paged_cache.PagedLatentCache(jnp.zeros((layers, num_pages, size, c)),
+                                         jnp.zeros((layers, num_pages, size, r)), table)
     positions = jnp.array([[0, 3, 4, 6, -1], [2, 3, 4, -1, -1]])
     ckv = jnp.arange(2 * 5 * c, dtype=jnp.float32).reshape(2, 5, c) + 1
     kpe = -jnp.arange(2 * 5 * r, dtype=jnp.float32).reshape(2, 5, r) - 1
-    written = cache.write(positions, ckv, kpe)
-    ckv_bsc, kpe_bsr, kv_pos = written.read()
+    written = cache.write(1, positions, ckv, kpe)
+    ckv_bsc, kpe_bsr, kv_pos = written.read(1)
     assert ckv_bsc.shape == (2, 12, c) and kv_pos[0].tolist() == list(range(12))
     np.testing.assert_array_equal(ckv_bsc[0, jnp.array([0, 3, 4, 6])], ckv[0, :4])
     np.testing.assert_array_equal(kpe_bsr[1, jnp.array([2, 3])], kpe[1, :2])
     # Row 1's position 4 falls in an unallocated page: dropped; pages 2 and 4 untouched.
-    assert not np.any(ckv_bsc[1, 4:]) and not np.any(written.ckv[jnp.array([2, 4])])
-    assert np.count_nonzero(np.asarray(written.ckv).any(-1)) == 6
+    assert not np.any(ckv_bsc[1, 4:]) and not np.any(written.ckv[1, jnp.array([2, 4])])
+    assert np.count_nonzero(np.asarray(written.ckv[1]).any(-1)) == 6
+    assert not np.any(written.ckv[0]) and not np.any(written.kpe[0])
 
 
 def test_fp8_pages_round_trip_and_saturate():
-    cache = paged_cache.PagedLatentCache(jnp.zeros((2, 4, 3), jnp.float8_e4m3fn),
-                                         jnp.zeros((2, 4, 2), jnp.float8_e4m3fn),
+    cache = paged_cache.PagedLatentCache(jnp.zeros((1, 2, 4, 3), jnp.float8_e4m3fn),
+                                         jnp.zeros((1, 2, 4, 2), jnp.float8_e4m3fn),
                                          jnp.array([[0, 1]]))
     ckv = jnp.array([[[0.1, -1.7, 1e4]]])
-    ckv_bsc, _, _ = cache.write(jnp.array([[5]]), ckv, jnp.ones((1, 1, 2))).read()
+    ckv_bsc, _, _ = cache.write(0, jnp.array([[5]]), ckv, jnp.ones((1, 1, 2))).read(0)
     got = np.asarray(ckv_bsc[0, 5], np.float32)
     np.testing.assert_allclose(got[:2], [0.1, -1.7], rtol=0.07)
     assert got[2] == 448.0  # saturated, not NaN
