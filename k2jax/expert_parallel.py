@@ -222,9 +222,6 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
         else kernel_specs[0]
     width_axes = _names(gate_spec[2])  # the expert width M, split over tensor: partial sums
 
-    def compute(x_rd, ids_r, local_kernels):
-        return _local_experts(x_rd, ids_r, experts_per_device, local_kernels, dtype)
-
     def per_device(x_td, weights_tk, indices_tk, local_kernels):
         from k2jax.moe import unpermute  # moe imports this module
 
@@ -233,7 +230,8 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
         x_sorted = x_td[order // top_k].astype(dtype)
         kw = dict(axes=axes, num_devices=num_devices, capacity=capacity,
                   experts_per_device=experts_per_device,
-                  compute=functools.partial(compute, local_kernels=local_kernels))
+                  compute=functools.partial(_local_experts, experts_per_device=experts_per_device,
+                                            kernels=local_kernels, dtype=dtype))
         if impl == "dense":
             y_sorted = _dense_exchange(x_sorted, dest, slot, local_expert, **kw)
         else:

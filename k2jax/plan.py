@@ -323,12 +323,13 @@ def _size(n: float) -> str:
 
 def format_report(r: dict) -> str:
     mesh = ",".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "single device"
+    drops = ("dropless" if r["capacity_factor"] is None
+             else f"capacity factor {r['capacity_factor']:g}")
     lines = [f"{r.get('config', 'model')}: {r['step']} step, batch {r['batch']} x seq {r['seq']}, "
              f"mesh {mesh} ({r['devices']} {r['platform']} devices, compiled in "
              f"{r['compile_seconds']} s)",
              f"  expert-parallel over: {','.join(r['expert_parallel_axes']) or 'none'} "
-             f"({r['dispatch']} all-to-all, "
-             f"{'dropless' if r['capacity_factor'] is None else 'capacity factor %g' % r['capacity_factor']})",
+             f"({r['dispatch']} all-to-all, {drops})",
              f"  parameters, all devices: {_size(r['param_bytes_total'])}",
              "  per device:"]
     for name, value in r["per_device_bytes"].items():

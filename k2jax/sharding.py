@@ -7,7 +7,8 @@ Mesh axes are `MESH_AXES = ("data", "fsdp", "expert", "tensor")`; any may have s
           routed experts are split over it too, so fsdp x expert form the expert-parallel group.
 - expert: batch split for attention, routed experts split along `E`; tokens travel to their
           experts with all-to-all (`k2jax.expert_parallel`). Expert weights are never gathered.
-- tensor: attention heads, dense/shared/expert ffn width and vocab split (Megatron style).
+- tensor: attention heads, dense/shared/expert ffn width split (Megatron style); the vocab is
+          split over tensor x fsdp.
 
 API:
   MESH_AXES, RULES                      the axes and the one rules table (params and activations)
@@ -30,6 +31,7 @@ API:
                                         for `nn.with_logical_constraint`; also what makes the
                                         MoE layer run expert-parallel
   active_mesh()                         the current (abstract) mesh, or None
+  describe(mesh), device_count(shape)   "expert=8,tensor=2" of a mesh; devices a shape needs
 """
 
 from __future__ import annotations
@@ -42,7 +44,6 @@ from typing import Mapping
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from k2jax import quant
@@ -54,7 +55,9 @@ BATCH_AXES = ("data", "fsdp", "expert")
 # whose mesh axes are still free in that array. So `batch` (listed first) takes fsdp in
 # activations `[B, T, D]` and `embed` falls back to unsharded there, while weights, which have no
 # batch dimension, get `embed` split over fsdp. Routed experts take fsdp for `E`, which keeps
-# their `embed` whole: splitting it would make every step gather the experts.
+# their `embed` whole: splitting it would make every step gather the experts. The vocab takes
+# fsdp too, so the embedding table's `embed` stays whole: a lookup from a table split on `embed`
+# over the axis that also splits the tokens makes XLA replicate the looked-up activations.
 RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("batch", BATCH_AXES),
     ("length", None),
@@ -258,4 +261,5 @@ def describe(mesh: Mesh) -> str:
 
 
 def device_count(shape: str | Mapping[str, int] | None) -> int:
-    return int(np.prod(list(parse_mesh_shape(shape).values())))
+    """Devices a mesh of `shape` needs."""
+    return math.prod(parse_mesh_shape(shape).values())
