@@ -1,8 +1,8 @@
 """`k2jax train`: QAT fine-tuning from a preset or a k2jax checkpoint on a JSONL corpus.
 
 Options come from `--config FILE` (YAML with `train.config.TrainConfig` field names), overridden
-by flags. `--resume` continues the run in `--out` with the options it started with (only
-`--steps` and `--export` may change).
+by flags. `--resume` continues the run in `--out` with the options it started with (flags that
+repeat them are accepted; only `--steps` and `--export` may change).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 from train.config import OPTIMIZERS, TrainConfig, TrainConfigError
 
 EXAMPLE = """example (tiny model, one CPU, about a minute):
-  python -c "import json; print(*[json.dumps({'text': f'sample {i}: the quick brown fox'}) for i in range(64)], sep='\\n')" > corpus.jsonl
+  for i in $(seq 64); do echo '{"text": "sample '$i': the quick brown fox"}'; done > corpus.jsonl
   k2jax train --preset tiny --data corpus.jsonl --steps 50 --seq-len 64 --batch-size 8 \\
       --qat routed_experts --out runs/tiny --export runs/tiny-int4
   k2jax train --resume --out runs/tiny --steps 100      # continue the same run
@@ -73,12 +73,14 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
     if args.resume:
         if not args.out:
             raise TrainConfigError("--resume needs --out, the run directory")
-        fixed = sorted(set(given) - _RESUMABLE)
-        if fixed or args.config:
+        saved = TrainConfig.load_run(args.out)
+        changed = sorted(k for k, v in given.items()
+                         if k not in _RESUMABLE and getattr(saved, k) != v)
+        if changed or args.config:
             raise TrainConfigError(f"--resume continues with the run's own options; only "
-                                   f"--steps and --export may be given (got {fixed or '--config'})")
-        return TrainConfig.load_run(args.out).replace(
-            **{k: v for k, v in given.items() if k != "out"})
+                                   f"--steps and --export may change (given: "
+                                   f"{changed or '--config'})")
+        return saved.replace(**{k: v for k, v in given.items() if k in _RESUMABLE - {"out"}})
     if args.config:
         return TrainConfig.from_file(args.config, **given)
     return TrainConfig.from_dict(given)

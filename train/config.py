@@ -136,10 +136,11 @@ class TrainConfig:
                 fields[name] = tuple(g for g in fields[name].split(",") if g)
             elif fields.get(name) is not None:
                 fields[name] = tuple(fields[name])
-        try:
-            return cls(**fields)
-        except TypeError as e:  # a required field is missing
-            raise TrainConfigError(str(e)) from None
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.name not in fields]
+        if missing:
+            raise TrainConfigError(f"missing required options {missing}")
+        return cls(**fields)
 
     @classmethod
     def from_file(cls, path: str | os.PathLike, **overrides) -> "TrainConfig":

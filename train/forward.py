@@ -26,6 +26,7 @@ _CAPTURED = ("q_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "post_atte
              "gate")
 
 
+@jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class ForwardOut:
     """logits float32 `[B, T, V]`; expert_load int32 `[L_moe, E]` (token copies per expert);
@@ -64,8 +65,7 @@ def forward(config: ModelConfig, params, batch, *, remat_policy: str | None = No
         def body(x_btd, layer_params, moe=moe):
             (x_btd, (_, load_e)), captured = DecoderLayer(config, moe).apply(
                 {"params": layer_params}, x_btd, None, positions_bt, segment_ids_bt,
-                capture_intermediates=lambda m, method: method == "__call__" and m.name in _CAPTURED,
-                mutable=["intermediates"])
+                capture_intermediates=_captured, mutable=["intermediates"])
             got = _outputs(captured["intermediates"])
             stats = {}
             if max_logits:
@@ -94,6 +94,10 @@ def forward(config: ModelConfig, params, batch, *, remat_policy: str | None = No
     return ForwardOut(logits, load,
                       jnp.mean(jnp.concatenate(balance)) if balance else None,
                       logit_max if max_logits else None)
+
+
+def _captured(module, method: str) -> bool:
+    return method == "__call__" and module.name in _CAPTURED
 
 
 def _outputs(captured) -> dict:

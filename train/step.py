@@ -84,7 +84,7 @@ def make_step(model_config: ModelConfig, cfg: TrainConfig, qat_groups, trainable
         params = optimizer.merge(optax.apply_updates(trainable_params, updates), frozen)
         params = balance.balance_params(params, load, cfg.bias_update_rate)
         metrics = {"loss": loss_sum / total_weight, "balance_loss": balance_sum / num_micro,
-                   "grad_norm": optax.global_norm(grads), "learning_rate": lr(state["step"]),
+                   "grad_norm": optax.tree.norm(grads), "learning_rate": lr(state["step"]),
                    "tokens": jnp.sum(batch["weights"]), "expert_load": load}
         if want_logits:
             params = qk_clip.apply_qk_clip(params, model_config, logit_max,

@@ -40,14 +40,15 @@ def model_setup(cfg: TrainConfig):
 
 def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, mesh, state_sh):
     """The step-0 state, created directly with its shardings."""
-    def from_master(master):
-        return step_lib.init_state(master, tx, trainable)
+    def from_params(params):
+        return step_lib.init_state(qat.master_params(params), tx, trainable)
 
     if cfg.checkpoint is None:
-        make = lambda key: from_master(qat.master_params(api.init_params(model_config, key)))  # noqa: E731
-        return jax.jit(make, out_shardings=state_sh)(jax.random.key(cfg.seed))
+        init = jax.jit(lambda key: from_params(api.init_params(model_config, key)),
+                       out_shardings=state_sh)
+        return init(jax.random.key(cfg.seed))
     _, params = checkpoint.load(cfg.checkpoint, mesh)
-    return jax.jit(lambda p: from_master(qat.master_params(p)), out_shardings=state_sh)(params)
+    return jax.jit(from_params, out_shardings=state_sh)(params)
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
@@ -86,7 +87,8 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume "
                                        "to continue or choose another --out")
             state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
-        cfg.save(cfg.out)
+        if jax.process_index() == 0:
+            cfg.save(cfg.out)
         log = metrics_lib.MetricsLog(cfg.out, start, quiet)
         compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
                                 abstract_with_shardings(abstract_batch, batch_sh)).compile()

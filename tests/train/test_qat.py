@@ -1,6 +1,6 @@
 """QAT: the fake-quantized forward is the exported INT4 model's forward, bit for bit; the
-straight-through gradient is the gradient at the quantized point; master weights started from
-an INT4 checkpoint reproduce it exactly."""
+straight-through gradient is the gradient at the quantized point (and zero for the router bias);
+master weights started from an INT4 checkpoint reproduce it exactly."""
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +36,16 @@ def test_compute_params_quantizes_only_the_qat_groups(master):
     assert compute[("moe_layers", "mlp", "gate", "kernel")].dtype == jnp.float32
 
 
+def _export(master):
+    config = qat.export_config(CONFIG, GROUPS, "bfloat16")
+    return config, fast_jit(lambda m: qat.export_params(m, CONFIG, GROUPS, "bfloat16")[1])(master)
+
+
 def test_exported_int4_weights_are_the_forward_weights(master):
-    config, exported = qat.export_params(master, CONFIG, GROUPS, "bfloat16")
+    config, exported = _export(master)
     assert config.quantized_linears == GROUPS
     checkpoint.check_tree(config, exported, "export")
-    compute = qat.flat(qat.compute_params(master, CONFIG, GROUPS, 32))
+    compute = qat.flat(fast_jit(lambda m: qat.compute_params(m, CONFIG, GROUPS, 32))(master))
     leaves = qat.flat(exported)
     assert sum(isinstance(v, quant.QuantizedWeight) for v in leaves.values()) == 2 * 5 + 3
     for path, leaf in leaves.items():
@@ -51,9 +56,9 @@ def test_exported_int4_weights_are_the_forward_weights(master):
 
 def test_qat_forward_equals_exported_int4_forward(master):
     tokens = random_tokens(CONFIG, (2, 16))
-    compute = qat.compute_params(master, CONFIG, GROUPS, 32)
-    qat_logits = fast_jit(lambda p: Transformer(CONFIG).apply({"params": p}, tokens)[0])(compute)
-    config, exported = qat.export_params(master, CONFIG, GROUPS, "bfloat16")
+    qat_logits = fast_jit(lambda m: Transformer(CONFIG).apply(
+        {"params": qat.compute_params(m, CONFIG, GROUPS, 32)}, tokens)[0])(master)
+    config, exported = _export(master)
     int4_logits = fast_jit(lambda p: k2jax.logits(config, p, tokens))(exported)
     np.testing.assert_array_equal(np.asarray(qat_logits), np.asarray(int4_logits))
 
@@ -66,7 +71,7 @@ def test_straight_through_gradient_is_the_gradient_at_the_quantized_point(master
         logits = Transformer(config).apply({"params": params}, tokens)[0]
         return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
 
-    snapped = qat.compute_params(master, config, GROUPS, 32)
+    snapped = fast_jit(lambda m: qat.compute_params(m, config, GROUPS, 32))(master)
     through = fast_jit(jax.grad(lambda m: loss(qat.compute_params(m, config, GROUPS, 32))))(master)
     at_point = fast_jit(jax.grad(loss))(snapped)
     for path, g in qat.flat(through).items():
@@ -74,6 +79,9 @@ def test_straight_through_gradient_is_the_gradient_at_the_quantized_point(master
                                       err_msg="/".join(path))
     experts = qat.flat(through)[("moe_layers", "mlp", "experts", "up_proj", "kernel")]
     assert np.abs(np.asarray(experts)).max() > 0
+    # The router bias is state: the loss has no gradient with respect to it.
+    bias = qat.flat(through)[("moe_layers", "mlp", "gate", "e_score_correction_bias")]
+    assert not np.any(np.asarray(bias))
 
 
 def test_master_from_quantized_reproduces_the_int4_checkpoint():
@@ -95,9 +103,9 @@ def test_master_from_quantized_reproduces_the_int4_checkpoint():
 
 
 def test_master_params_of_an_int4_tree(master):
-    config, exported = qat.export_params(master, CONFIG, GROUPS, "bfloat16")
-    restored = qat.master_params(exported)
-    again = qat.flat(qat.export_params(restored, config, GROUPS, "bfloat16")[1])
+    config, exported = _export(master)
+    again = qat.flat(fast_jit(lambda p: qat.export_params(
+        qat.master_params(p), config, GROUPS, "bfloat16")[1])(exported))
     for path, leaf in qat.flat(exported).items():
         got = again[path]
         if isinstance(leaf, quant.QuantizedWeight):
