@@ -12,6 +12,7 @@ are keyword arguments named as in vLLM's `SamplingParams` / HF `generate()` (see
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Iterable, Iterator
 
@@ -37,9 +38,8 @@ def load_model(model_or_checkpoint):
 
 
 def _prompt_list(prompts, tokenizer) -> list[list[int]]:
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                    and isinstance(prompts[0], int)):
-        prompts = [prompts]
+    if isinstance(prompts, str) or (len(prompts) and isinstance(prompts[0], numbers.Integral)):
+        prompts = [prompts]  # one prompt: a string or a sequence of token ids
     out = []
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -47,6 +47,8 @@ def _prompt_list(prompts, tokenizer) -> list[list[int]]:
                 raise ValueError("text prompts need a tokenizer (tokenizer=...)")
             prompt = tokenizer.encode(prompt)
         out.append([int(t) for t in prompt])
+    if not out:
+        raise ValueError("no prompts given")
     return out
 
 
