@@ -91,7 +91,7 @@ def bench_hf(config, dtype: str, tokens: np.ndarray, steps: int, lr: float) -> d
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - began)
-    return {"step_s": statistics.median(times[1:]), "loss": float(loss),
+    return {"step_s": statistics.median(times[1:]), "loss": loss.item(),
             "torch_threads": torch.get_num_threads()}
 
 
