@@ -230,3 +230,30 @@ def test_preset_tokenizer_alignment(tiny):
     assert small.vocab_size == tokenizer.vocab_size
     assert small.hidden_size == k2jax.ModelConfig.preset("small").hidden_size
     assert (config.eos_token_id, config.bos_token_id) == (tokenizer.eos_id, tokenizer.bos_id)
+
+
+def test_serve_cli_builds_the_server(monkeypatch, capsys):
+    import uvicorn
+
+    seen = {}
+
+    def serve_once(app, host, port, log_level):  # stands in for uvicorn's blocking run
+        with BackgroundServer(app) as server:
+            headers = {"Authorization": "Bearer k"}
+            seen["models"] = httpx2.get(server.url + "/v1/models", headers=headers).json()
+            seen["anonymous"] = httpx2.get(server.url + "/v1/models").status_code
+        seen["address"] = (host, port)
+
+    monkeypatch.setattr(uvicorn, "run", serve_once)
+    monkeypatch.setenv("K2JAX_API_KEY", "k")
+    assert k2jax_main(["serve", "--preset", "tiny", "--port", "8123", "--max-batch", "2"]) == 0
+    assert seen["models"]["data"][0]["id"] == MODEL and seen["anonymous"] == 401
+    assert seen["address"] == ("127.0.0.1", 8123)
+    assert "test tokenizer" in capsys.readouterr().err
+
+
+def test_serve_cli_errors_are_one_line(capsys):
+    assert k2jax_main(["serve", "--checkpoint", "/nonexistent"]) == 2
+    assert k2jax_main(["serve", "--preset", "tiny", "--tokenizer", "/nonexistent/x"]) == 2
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert len(errors) == 2 and all(e.startswith("k2jax serve: error:") for e in errors)
