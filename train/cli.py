@@ -11,11 +11,11 @@ import argparse
 
 from train.config import OPTIMIZERS, TrainConfig, TrainConfigError
 
-EXAMPLE = """example (tiny model, one CPU, about a minute):
+EXAMPLE = """example (tiny model, one CPU, a minute or two):
   for i in $(seq 64); do echo '{"text": "sample '$i': the quick brown fox"}'; done > corpus.jsonl
   k2jax train --preset tiny --data corpus.jsonl --steps 50 --seq-len 64 --batch-size 8 \\
       --qat routed_experts --out runs/tiny --export runs/tiny-int4
-  k2jax train --resume --out runs/tiny --steps 100      # continue the same run
+  k2jax train --resume --out runs/tiny --steps 100 --export runs/tiny-int4-100
 """
 
 # flag -> TrainConfig field, for the options that map one to one.
@@ -31,7 +31,7 @@ _HELP = {
     "preset": "model preset (tiny, small, ...) with random initialisation",
     "checkpoint": "k2jax checkpoint directory to fine-tune (INT4 leaves allowed)",
     "data": "JSONL corpus: {'text'}, {'messages', 'tools'} or {'input_ids', 'loss_mask'} lines",
-    "tokenizer": "'bytes' or a tiktoken.model (default: the checkpoint's, else bytes)",
+    "tokenizer": "'bytes' or a tiktoken.model (default: the checkpoint's; bytes for presets)",
     "out": "run directory (metrics.jsonl, checkpoints/, train_config.json)",
     "batch_size": "rows per optimizer step", "seq_len": "tokens per row",
     "grad_accum": "micro-batches per step", "learning_rate": "peak learning rate",

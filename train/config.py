@@ -36,8 +36,8 @@ class TrainConfig:
     INT4 leaves included); `compute_dtype` for activations and matmul inputs (master weights and
     optimizer state are always float32); `remat_policy` a `jax.checkpoint_policies` name.
     Data: `data` a JSONL file (see `train.data`); `tokenizer` "bytes" or a `tiktoken.model`
-    path (default: the checkpoint's own when it has one); `batch_size` rows of `seq_len` tokens
-    per optimizer step, split into `grad_accum` micro-batches.
+    path (default: the checkpoint's own `tiktoken.model`; bytes for a preset); `batch_size` rows
+    of `seq_len` tokens per optimizer step, split into `grad_accum` micro-batches.
     Optimizer: AdamW, or Muon for the linear kernels with AdamW for the rest; linear warmup to
     `learning_rate` then cosine decay to `min_lr_ratio * learning_rate`; `grad_clip` the global
     norm; `qk_clip_threshold` enables K2's QK-clip (MuonClip) at that max attention logit.

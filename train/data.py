@@ -48,11 +48,14 @@ def byte_tokenizer() -> K2Tokenizer:
 
 
 def load_tokenizer(spec: str | None, checkpoint: str | None = None) -> K2Tokenizer:
-    """`"bytes"`, a `tiktoken.model` file or a directory holding one; None means the
-    checkpoint directory's own `tiktoken.model`, else bytes."""
-    if spec is None:
-        found = checkpoint and os.path.isfile(os.path.join(checkpoint, "tiktoken.model"))
-        spec = checkpoint if found else "bytes"
+    """`"bytes"`, a `tiktoken.model` file or a directory holding one. None means the
+    checkpoint directory's own `tiktoken.model` when fine-tuning a checkpoint (an error if it
+    has none: its vocabulary is not the bytes'), and bytes for a preset."""
+    if spec is None and checkpoint is not None:
+        if not os.path.isfile(os.path.join(checkpoint, "tiktoken.model")):
+            raise DataError(f"{checkpoint} holds no tiktoken.model; pass --tokenizer")
+        spec = checkpoint
+    spec = spec or "bytes"
     if spec == "bytes":
         return byte_tokenizer()
     if not os.path.exists(spec):

@@ -94,7 +94,7 @@ class MetricsLog:
 def record(step: int, metrics: dict, seconds: float, tokens_per_step: int,
            flops_per_token: float, peak: float | None, devices: int) -> dict:
     """A JSON-ready record from the step's (fetched) metrics and its wall time."""
-    out = {"step": step}
+    out = {"step": step, "loss": float(metrics["loss"])}
     for name, value in metrics.items():
         if name != "expert_load":
             out[name] = float(value) if name != "clipped_heads" else int(value)

@@ -53,6 +53,9 @@ def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, me
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last metrics record (or {})."""
+    if cfg.export and os.path.exists(cfg.export):
+        raise TrainConfigError(f"export path {cfg.export} already exists; remove it or pass "
+                               "--export with a new path")
     mesh = train_mesh.build_mesh(cfg.mesh)
     config, qat_groups, model_config = model_setup(cfg)
     tokenizer = data.load_tokenizer(cfg.tokenizer, cfg.checkpoint)

@@ -53,10 +53,13 @@ def test_invalid_options_are_one_line_errors(argv, message, capsys):
     assert err.startswith("k2jax train: error:") and message in err and len(err.splitlines()) == 1
 
 
-def test_missing_corpus_is_a_one_line_error(tmp_path, capsys):
+def test_missing_corpus_or_existing_export_is_a_one_line_error(tmp_path, capsys):
     assert cli.main(["train", "--data", str(tmp_path / "none.jsonl"), "--out",
                      str(tmp_path / "run"), "--mesh", f"fsdp={jax.device_count()}"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert cli.main(["train", "--data", "d", "--out", str(tmp_path / "run"), "--export",
+                     str(tmp_path)]) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_resume_keeps_the_run_options(tmp_path):

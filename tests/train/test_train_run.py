@@ -132,7 +132,8 @@ def test_export_holds_the_final_master_weights_quantized(uninterrupted):
 def test_finetune_from_the_int4_checkpoint_starts_at_its_loss(runner, uninterrupted):
     root, corpus, start = runner
     out = root / "finetune"
-    proc = start(out, "--steps", "2", model=("--checkpoint", str(root / "exported")))
+    proc = start(out, "--steps", "2", "--tokenizer", "bytes",
+                 model=("--checkpoint", str(root / "exported")))
     config, params = k2jax.load(root / "exported")
     rows = data.Packer(data.JsonlCorpus(corpus, data.byte_tokenizer()), 32, seed=0).rows(4)
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
