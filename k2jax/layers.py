@@ -117,10 +117,10 @@ class RMSNorm(nn.Module):
 
 
 class ExpertLinear(nn.Module):
-    """Per-expert linears over expert-sorted rows: `x [M, in]`, `kernel [E, in, out]`.
+    """The stacked kernels `[E, in, out]` of one routed-expert linear (dense or INT4).
 
-    Rows are grouped by expert (`group_sizes [E]`, summing to at most M); each group is
-    multiplied by its expert's kernel with a grouped matmul, never a dense one-hot.
+    The MoE multiplies them with grouped matmuls over expert-sorted rows
+    (`k2jax.moe.expert_swiglu`), locally or inside the expert-parallel `shard_map`.
     """
 
     num_experts: int
@@ -141,6 +141,6 @@ class ExpertLinear(nn.Module):
             self, "kernel", init, (self.num_experts, self.in_features, self.features),
             self.param_dtype, self.axes)
 
-    def __call__(self, x_mk, group_sizes_e):
-        kernel = fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
-        return quant.grouped_matmul(x_mk.astype(self.dtype), kernel, group_sizes_e, self.dtype)
+    def weight(self):
+        """The kernel as the forward sees it (fake-quantized under QAT)."""
+        return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec
 
 from k2jax import expert_parallel, quant, sharding
 from k2jax.config import ModelConfig
-from k2jax.layers import ExpertLinear, Linear, fake_quant_or_identity, param_with_axes
+from k2jax.layers import ExpertLinear, Linear, param_with_axes
 from pallas_kernels.topk_routing import route
 
 
@@ -129,9 +129,7 @@ class RoutedExperts(nn.Module):
 
     def kernels(self):
         """`(gate, up, down)` as the forward uses them (fake-quantized under QAT)."""
-        group = self.config.quant_group_size if self.qat else None
-        return tuple(fake_quant_or_identity(p.kernel, group)
-                     for p in (self.gate_proj, self.up_proj, self.down_proj))
+        return tuple(p.weight() for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def __call__(self, x_sorted_md, group_sizes_e):
         return expert_swiglu(x_sorted_md, group_sizes_e, *self.kernels(),

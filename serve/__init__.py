@@ -13,6 +13,8 @@ _EXPORTS = {
     "ChatPrompt": "k2jax.text.chat_template",
     "apply_chat_template": "k2jax.text.chat_template",
     "render_chat": "k2jax.text.chat_template",
+    "generate": "serve.generation",
+    "stream": "serve.generation",
     "OutputParser": "serve.parsers",
     "ParsedDelta": "serve.parsers",
     "ParsedMessage": "serve.parsers",
