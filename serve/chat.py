@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from k2jax.text.chat_template import ChatPrompt, apply_chat_template
 from serve import generation, heavy as heavy_mode
 from serve.engine import Completion, GenerationResult
-from serve.parsers import parse_output, prompt_opens_reasoning
+from serve.parsers import ParsedMessage, parse_output, prompt_opens_reasoning
 from serve.sampling import SamplingParams
 
 
@@ -75,12 +75,7 @@ class ChatCompletion(Completion):
 
     def message(self) -> dict:
         """The OpenAI assistant message."""
-        message = {"role": "assistant", "content": self.content}
-        if self.reasoning_content is not None:
-            message["reasoning_content"] = self.reasoning_content
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
-        return message
+        return ParsedMessage(self.reasoning_content, self.content, self.tool_calls).to_openai()
 
 
 @dataclasses.dataclass
