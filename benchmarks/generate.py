@@ -1,0 +1,218 @@
+"""Generation speed on the `small` preset: the k2jax engine vs HF transformers `generate()`.
+
+    python benchmarks/generate.py                 # table, writes results/generate.json
+    python benchmarks/generate.py --batches 1 8 --new-tokens 8    # a shorter run
+
+One process, one device, the same random weights in both (an HF `DeepseekV3ForCausalLM` with
+every parameter random, read into the k2jax tree as `tests/hf_reference.py` does), float32 in
+both (on CPU, XLA emulates bfloat16 matmuls). For each batch size B: B random prompts of
+`--prompt-len` tokens, greedy, `--new-tokens` new tokens.
+
+  ttft     time until the first tokens of the batch are out. HF: its prefill forward (to the
+           first logits processor call). k2jax: the engine's first step, which prefills,
+           samples the first tokens and also decodes the second ones.
+  decode   decode tokens/s: B / the median decode step time (steps after the first); "best"
+           uses the fastest step instead, the one least slowed by other processes
+
+k2jax runs each shape once untimed first (compilation), with other prompts, so the prefix cache
+never helps; the page-table width stays at its minimum bucket throughout, so nothing
+recompiles. HF runs a warm-up generate too. The k2jax cache is the compressed MLA latent, in
+the model dtype; HF keeps its own (expanded) cache.
+
+Roofline (batch 1): a decode step must read the weights it uses (everything but the routed
+experts not chosen: K of E per MoE layer) and the latent cache of the live tokens once. That
+many bytes over the measured copy bandwidth (the faster of an XLA and a numpy copy of 256 MiB)
+is the memory-bound step time; the table gives it as a fraction of the measured step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "generate.json"
+sys.path.insert(0, str(ROOT))
+
+
+def copy_bandwidth(mib: int = 256) -> dict[str, float]:
+    """GB/s of a large copy (bytes read + written), best of a few, with XLA and with numpy."""
+    x = jnp.ones((mib << 20) // 4, jnp.float32)
+    add = jax.jit(lambda a: a + 1.0)
+    add(x).block_until_ready()
+    xla = min(_timed(lambda: add(x).block_until_ready()) for _ in range(5))
+    a, b = np.ones(x.size, np.float32), np.empty(x.size, np.float32)
+    host = min(_timed(lambda: np.copyto(b, a)) for _ in range(5))
+    return {"xla_gbps": 2 * x.nbytes / xla / 1e9, "numpy_gbps": 2 * a.nbytes / host / 1e9}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def decode_bytes_batch1(config, params, context: int, cache_itemsize: int) -> int:
+    """Bytes a batch-1 decode step must read: weights it uses plus the live latent cache."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    total = sum(leaf.nbytes for _, leaf in leaves)
+    experts = sum(leaf.nbytes for path, leaf in leaves
+                  if "experts" in jax.tree_util.keystr(path)
+                  and "shared_experts" not in jax.tree_util.keystr(path))
+    unused = experts * (1 - config.num_experts_per_tok / config.n_routed_experts)
+    embedding = params["embed_tokens"]["embedding"]
+    unused += embedding.nbytes * (1 - 1 / embedding.shape[0])  # one row is looked up
+    cache = context * config.cache_width * cache_itemsize * config.num_hidden_layers
+    return int(total - unused + cache)
+
+
+def bench_hf(model, prompts: np.ndarray, new_tokens: int) -> dict[str, float]:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class StepClock(LogitsProcessor):
+        """Timestamps each generation step: the first call follows the prefill."""
+
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores):
+            self.times.append(time.perf_counter())
+            return scores
+
+    ids = torch.as_tensor(prompts)
+
+    def run(n):
+        clock = StepClock()
+        start = time.perf_counter()
+        # min_new_tokens: every row runs to n tokens, eos or not.
+        with torch.no_grad():
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                           min_new_tokens=n, do_sample=False, pad_token_id=0,
+                           logits_processor=LogitsProcessorList([clock]))
+        return clock.times[0] - start, np.diff(clock.times)
+
+    run(2)  # warm-up
+    ttft, steps = run(new_tokens)
+    return _summary(ttft, steps, len(prompts))
+
+
+def _summary(ttft: float, steps, batch: int) -> dict[str, float]:
+    """Decode speed from the median step, and from the fastest (least disturbed by other
+    processes on a shared machine)."""
+    median, best = float(np.median(steps)), float(np.min(steps))
+    return {"ttft_s": ttft, "decode_step_s": median, "decode_tok_s": batch / median,
+            "best_step_s": best, "best_decode_tok_s": batch / best}
+
+
+def bench_k2jax(config, params, prompts: np.ndarray, warmup: np.ndarray,
+                new_tokens: int) -> dict[str, float]:
+    from serve.engine import Engine
+    from serve.sampling import SamplingParams
+
+    batch, prompt_len = prompts.shape
+    engine = Engine(config, params, max_batch=batch, page_size=16,
+                    max_seq_len=1 << (prompt_len + new_tokens - 1).bit_length())
+
+    def run(rows, n):
+        """Seconds of each engine step generating n tokens per row. The first step prefills
+        and returns the first token (it also decodes the second); each later one decodes."""
+        sampling = SamplingParams(max_new_tokens=n, temperature=0)
+        ids = [engine.add_request(r, sampling) for r in rows.tolist()]
+        times = []
+        while engine.has_unfinished():
+            start = time.perf_counter()
+            engine.step()
+            times.append(time.perf_counter() - start)
+        for i in ids:
+            engine.pop_result(i)
+        return times
+
+    run(warmup, 2)  # compiles every shape the timed run uses
+    times = run(prompts, new_tokens)
+    return _summary(times[0], times[1:], batch)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=8)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--no-write", action="store_true", help="do not write results JSON")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    import k2jax
+    from tests.hf_reference import params_from_hf_model, random_hf_model
+
+    config = k2jax.ModelConfig.preset(args.preset).replace(dtype="float32")
+    hf = random_hf_model(config, seed=0, std=0.02)
+    params = jax.tree.map(jnp.asarray, params_from_hf_model(config, hf))
+    rng = np.random.default_rng(0)
+    load_before = os.getloadavg()  # other processes on the machine skew every timing
+    bandwidth = copy_bandwidth()
+    rows = []
+    for batch in args.batches:
+        prompts, warmup = (rng.integers(3, config.vocab_size, (batch, args.prompt_len))
+                           for _ in range(2))
+        ours = bench_k2jax(config, params, prompts, warmup, args.new_tokens)
+        theirs = bench_hf(hf, prompts, args.new_tokens)
+        row = {"batch": batch, "hf": theirs, "k2jax": ours,
+               "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
+               "ttft_speedup": theirs["ttft_s"] / ours["ttft_s"]}
+        if batch == 1:
+            context = args.prompt_len + args.new_tokens // 2
+            nbytes = decode_bytes_batch1(config, params, context, 4)
+            best = max(bandwidth.values()) * 1e9
+            row["roofline"] = {"bytes_per_step": nbytes, "bound_step_s": nbytes / best,
+                               "fraction": nbytes / best / ours["decode_step_s"],
+                               "best_fraction": nbytes / best / ours["best_step_s"]}
+        rows.append(row)
+        print(f"batch {batch}: {json.dumps(row)}", file=sys.stderr, flush=True)
+
+    load = {"cpus": os.cpu_count(), "loadavg_1min_before": load_before[0],
+            "loadavg_1min_after": os.getloadavg()[0]}
+    print(f"\n`{args.preset}` preset, float32, prompt {args.prompt_len} tokens, "
+          f"{args.new_tokens} new tokens, greedy; {jax.devices()[0].device_kind} "
+          f"({platform.processor() or platform.machine()}, {load['cpus']} cores, load average "
+          f"{load['loadavg_1min_before']:.1f} before / {load['loadavg_1min_after']:.1f} after), "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'batch':>5} {'HF ttft s':>10} {'k2jax ttft s':>13} {'HF decode tok/s':>16} "
+          f"{'k2jax decode tok/s':>19} {'decode x':>9} {'best x':>7}")
+    for r in rows:
+        hf, ours = r["hf"], r["k2jax"]
+        print(f"{r['batch']:>5} {hf['ttft_s']:>10.3f} {ours['ttft_s']:>13.3f} "
+              f"{hf['decode_tok_s']:>16.1f} {ours['decode_tok_s']:>19.1f} "
+              f"{r['decode_speedup']:>9.2f} "
+              f"{ours['best_decode_tok_s'] / hf['best_decode_tok_s']:>7.2f}")
+    for r in rows:
+        if "roofline" in r:
+            roof = r["roofline"]
+            print(f"batch-1 decode step {r['k2jax']['decode_step_s'] * 1e3:.1f} ms (best "
+                  f"{r['k2jax']['best_step_s'] * 1e3:.1f} ms); memory bound "
+                  f"{roof['bound_step_s'] * 1e3:.1f} ms ({roof['bytes_per_step'] / 1e6:.0f} MB at "
+                  f"{max(bandwidth.values()):.1f} GB/s copy bandwidth): "
+                  f"{100 * roof['fraction']:.0f}% of the roofline "
+                  f"({100 * roof['best_fraction']:.0f}% at the best step)")
+    if not args.no_write:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps({
+            "preset": args.preset, "dtype": "float32", "prompt_len": args.prompt_len,
+            "new_tokens": args.new_tokens, "device": jax.devices()[0].device_kind,
+            "machine": load, "bandwidth": bandwidth, "rows": rows}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
