@@ -9,6 +9,7 @@ import pytest
 
 import k2jax
 from k2jax import ConfigError, ModelConfig
+from tests.convert.hub import K2_THINKING_QUANTIZATION
 
 # Kimi-K2-Thinking's config.json as published (old key style), abridged to the model fields.
 K2_THINKING_JSON = {
@@ -30,18 +31,7 @@ K2_THINKING_JSON = {
                      "type": "yarn"},
     "attention_bias": False, "attention_dropout": 0.0, "torch_dtype": "bfloat16",
     "transformers_version": "4.48.3",
-    "quantization_config": {
-        "config_groups": {"group_0": {
-            "input_activations": None, "output_activations": None, "targets": ["Linear"],
-            "weights": {"actorder": None, "block_structure": None, "dynamic": False,
-                        "group_size": 32, "num_bits": 4, "observer": "minmax",
-                        "observer_kwargs": {}, "strategy": "group", "symmetric": True,
-                        "type": "int"}}},
-        "format": "pack-quantized",
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
-                   "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],
-        "kv_cache_scheme": None, "quant_method": "compressed-tensors",
-        "quantization_status": "compressed"},
+    "quantization_config": K2_THINKING_QUANTIZATION,
 }
 
 
