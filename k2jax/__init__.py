@@ -14,6 +14,7 @@ import importlib
 _EXPORTS = {
     "forward_cached": "k2jax.api", "init_cache": "k2jax.api", "init_params": "k2jax.api",
     "logits": "k2jax.api", "param_axes": "k2jax.api", "param_shapes": "k2jax.api",
+    "from_serving_layout": "k2jax.api", "to_serving_layout": "k2jax.api",
     "LatentCache": "k2jax.attention",
     "load": "k2jax.checkpoint", "save": "k2jax.checkpoint",
     "ConfigError": "k2jax.config", "ModelConfig": "k2jax.config", "RopeScaling": "k2jax.config",

@@ -50,11 +50,59 @@ def param_axes(config: ModelConfig):
     return jax.tree.map(names, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
+STACKS = ("dense_layers", "moe_layers")
+
+
+def _transpose_float(linear):
+    kernel = linear["kernel"]
+    if isinstance(kernel, quant.QuantizedWeight):
+        return linear
+    return {**linear, "kernel": kernel.T}
+
+
+def _layout_linears(params):
+    """`params` with the float kernels the serving layout holds `[out, in]` transposed:
+    lm_head and every layer's kv_b_proj (`[L, C, O]` stacked: `axes` swap the last two)."""
+    out = {**params, "lm_head": _transpose_float(params["lm_head"])}
+    for stack in STACKS:
+        if stack in out:
+            for key, layer in out[stack].items():
+                attn = layer["self_attn"]
+                out[stack] = {**out[stack], key: {
+                    **layer, "self_attn": {**attn, "kv_b_proj": _transpose_float(attn["kv_b_proj"])}}}
+    return out
+
+
+def to_serving_layout(params):
+    """The same weights in the serving layout (`k2jax.model`): each stacked layer leaf split
+    into one per layer, the float kernels of lm_head and kv_b_proj transposed to `[out, in]`."""
+    out = dict(params)
+    for stack in STACKS:
+        if stack in out:
+            count = jax.tree.leaves(out[stack])[0].shape[0]
+            out[stack] = {str(i): jax.tree.map(lambda a, i=i: a[i], out[stack])
+                          for i in range(count)}
+    return _layout_linears(out)
+
+
+def from_serving_layout(params):
+    """Inverse of `to_serving_layout`: the stacked (checkpoint) layout."""
+    out = _layout_linears(params)
+    for stack in STACKS:
+        if stack in out:
+            layers = [out[stack][str(i)] for i in range(len(out[stack]))]
+            out[stack] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+    return out
+
+
 def logits(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt=None,
-           segment_ids_bt=None) -> jax.Array:
-    """float32 logits `[B, T, V]` of int32 `tokens [B, T]` (positions `0..T-1` by default)."""
-    out, _, _ = Transformer(config).apply({"params": params}, tokens_bt, positions_bt,
-                                          segment_ids_bt)
+           segment_ids_bt=None, *, serving_layout: bool = False) -> jax.Array:
+    """float32 logits `[B, T, V]` of int32 `tokens [B, T]` (positions `0..T-1` by default).
+
+    `serving_layout`: `params` are in the serving layout (`to_serving_layout`).
+    """
+    out, _, _ = Transformer(config, serving_layout=serving_layout).apply(
+        {"params": params}, tokens_bt, positions_bt, segment_ids_bt)
     return out
 
 
@@ -71,15 +119,16 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16
 
 
 def forward_cached(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt: jax.Array,
-                   cache, logits_index_b: jax.Array | None = None):
+                   cache, logits_index_b: jax.Array | None = None, *,
+                   serving_layout: bool = False):
     """Absorbed-MLA forward that writes `tokens` into `cache` at `positions` and attends to
     every cached slot at or before each query's position.
 
     Serves prefill (T = prompt length) and decode (T = 1) alike. `cache` is a `LatentCache` per
     stack or any layout with its `write`/`read` methods.
     Returns float32 logits `[B, T, V]` (`[B, 1, V]` at `logits_index_b [B]` when given) and the
-    updated cache.
+    updated cache. `serving_layout`: `params` are in the serving layout.
     """
-    out, new_cache, _ = Transformer(config).apply({"params": params}, tokens_bt, positions_bt,
-                                                  None, cache, logits_index_b)
+    out, new_cache, _ = Transformer(config, serving_layout=serving_layout).apply(
+        {"params": params}, tokens_bt, positions_bt, None, cache, logits_index_b)
     return out, new_cache

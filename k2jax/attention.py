@@ -102,6 +102,7 @@ class MLAttention(nn.Module):
 
     config: ModelConfig
     qat: bool = False
+    serving_layout: bool = False  # kv_b_proj's float kernel stored [out, in] (k2jax.model)
 
     def setup(self):
         cfg = self.config
@@ -121,7 +122,11 @@ class MLAttention(nn.Module):
             self.q_proj = linear(d, n * (h + r), ("embed", "heads"))
         self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + r, ("embed", "kv_lora"))
         self.kv_a_layernorm = norm()
-        self.kv_b_proj = linear(cfg.kv_lora_rank, n * (h + u), ("kv_lora", "heads"))
+        quantized = cfg.is_quantized("attention")
+        self.kv_b_proj = Linear(
+            cfg.kv_lora_rank, n * (h + u), ("kv_lora", "heads"), dtype=dtype, param_dtype=dtype,
+            quantized=quantized, qat=self.qat, group_size=cfg.quant_group_size,
+            init_std=cfg.initializer_range, kernel_out_in=self.serving_layout and not quantized)
         self.o_proj = linear(n * u, d, ("heads", "embed"))
 
     def _queries(self, x_btd, cos, sin):
@@ -142,14 +147,18 @@ class MLAttention(nn.Module):
         return self.kv_a_layernorm(ckv_btc), k_pe_btr
 
     def _kv_b_heads(self):
-        """`kv_b_proj` as per-head key and value maps `[C, N, H]`, `[C, N, U]`."""
+        """`kv_b_proj` as per-head key and value maps `[N, H, C]`, `[N, U, C]`."""
         cfg = self.config
         kernel = self.kv_b_proj.weight()
         if isinstance(kernel, quant.QuantizedWeight):
             kernel = quant.dequantize(kernel, jnp.dtype(cfg.dtype))
-        kernel_cnk = kernel.astype(cfg.dtype).reshape(
-            cfg.kv_lora_rank, cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
-        return jnp.split(kernel_cnk, [cfg.qk_nope_head_dim], axis=-1)
+        n, c = cfg.num_attention_heads, cfg.kv_lora_rank
+        kernel = kernel.astype(cfg.dtype)
+        if self.kv_b_proj.kernel_out_in:  # already head-major: no transpose per call
+            kernel_nkc = kernel.reshape(n, -1, c)
+        else:
+            kernel_nkc = kernel.reshape(c, n, -1).transpose(1, 2, 0)
+        return jnp.split(kernel_nkc, [cfg.qk_nope_head_dim], axis=1)
 
     def __call__(self, x_btd, positions_bt, segment_ids_bt=None, cache=None):
         """Args:
@@ -196,14 +205,14 @@ class MLAttention(nn.Module):
         cfg = self.config
         cache = cache.write(positions_bt, ckv_btc, k_pe_btr)
         ckv_bsc, kpe_bsr, kv_pos_bs = cache.read()
-        w_uk_cnh, w_uv_cnu = self._kv_b_heads()
+        w_uk_nhc, w_uv_nuc = self._kv_b_heads()
         dtype = q_nope_btnh.dtype
         ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
-        q_latent_btnc = jnp.einsum("btnh,cnh->btnc", q_nope_btnh, w_uk_cnh)
+        q_latent_btnc = jnp.einsum("btnh,nhc->btnc", q_nope_btnh, w_uk_nhc)
         scores = (jnp.einsum("btnc,bsc->btns", q_latent_btnc, ckv,
                              preferred_element_type=jnp.float32)
                   + jnp.einsum("btnr,bsr->btns", q_pe_btnr, kpe,
                                preferred_element_type=jnp.float32)) * cfg.softmax_scale
         probs = masked_softmax(scores, attention_mask(positions_bt, kv_pos_bs)).astype(dtype)
         out_latent_btnc = jnp.einsum("btns,bsc->btnc", probs, ckv)
-        return jnp.einsum("btnc,cnu->btnu", out_latent_btnc, w_uv_cnu), cache
+        return jnp.einsum("btnc,nuc->btnu", out_latent_btnc, w_uv_nuc), cache

@@ -57,6 +57,8 @@ class Linear(nn.Module):
       axes: logical names of the kernel's (in, out) axes.
       quantized: store the kernel as an INT4 `QuantizedWeight` (group `group_size`).
       qat: fake-quantize a float kernel in the forward (straight-through gradient).
+      kernel_out_in: store a float kernel transposed, `[out, in]` (the serving layout's
+        lm_head: XLA:CPU multiplies a few rows by a wide matrix 2-3x faster this way round).
     """
 
     in_features: int
@@ -68,18 +70,30 @@ class Linear(nn.Module):
     qat: bool = False
     group_size: int = 32
     init_std: float = 0.02
+    kernel_out_in: bool = False
 
     def setup(self):
+        if self.kernel_out_in and (self.quantized or self.qat):
+            raise ValueError("kernel_out_in holds float kernels only (not INT4, not QAT)")
         init = (quantized_init(self.init_std, self.group_size) if self.quantized
                 else normal_init(self.init_std))
-        self.kernel = param_with_axes(self, "kernel", init, (self.in_features, self.features),
-                                      self.param_dtype, self.axes)
+        shape, axes = (self.in_features, self.features), self.axes
+        if self.kernel_out_in:
+            shape, axes = shape[::-1], axes[::-1]
+        self.kernel = param_with_axes(self, "kernel", init, shape, self.param_dtype, axes)
 
     def weight(self):
         """The kernel as the forward sees it (fake-quantized under QAT)."""
         return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
 
     def __call__(self, x):
+        if self.kernel_out_in:
+            *lead, din = x.shape
+            y_on = jnp.einsum("oi,ni->on", self.kernel.astype(self.dtype),
+                              x.reshape(-1, din).astype(self.dtype))
+            # Kept apart from the transpose: XLA:CPU fused with it picks a slower matmul.
+            y_on = jax.lax.optimization_barrier(y_on)
+            return y_on.T.reshape(*lead, self.features)
         return quant.matmul(x.astype(self.dtype), self.weight(), self.dtype)
 
 

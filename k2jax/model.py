@@ -15,6 +15,13 @@ layers compile as two loop bodies. The parameter tree (the checkpoint format):
 
     self_attn: q_a_proj, q_a_layernorm, q_b_proj (or q_proj), kv_a_proj_with_mqa,
                kv_a_layernorm, kv_b_proj, o_proj; every linear is `{kernel: [in, out]}`.
+
+The serving layout (`Transformer(serving_layout=True)`, `k2jax.api.to_serving_layout`) holds
+the same weights as `dense_layers/{"0", "1", ...}`, one subtree per layer run one after the
+other, and the float kernels of `lm_head` and `self_attn/kv_b_proj` transposed to `[out, in]`.
+XLA:CPU copies a layer's weights out of a stacked array before multiplying (several times the
+bytes a memory-bound decode step must read), multiplies a few rows by a wide matrix faster
+with the matrix transposed, and the absorbed attention wants kv_b_proj head-major.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ class DecoderLayer(nn.Module):
     config: ModelConfig
     moe: bool
     qat: bool = False
+    serving_layout: bool = False
 
     @nn.compact
     def __call__(self, x_btd, layer_cache, positions_bt, segment_ids_bt):
@@ -44,7 +52,7 @@ class DecoderLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ACTIVATION_AXES)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, dtype, name=name)  # noqa: E731
-        attn_out, layer_cache = MLAttention(cfg, self.qat, name="self_attn")(
+        attn_out, layer_cache = MLAttention(cfg, self.qat, self.serving_layout, name="self_attn")(
             norm("input_layernorm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
         x_btd = x_btd + attn_out
         h = norm("post_attention_layernorm")(x_btd)
@@ -56,6 +64,13 @@ class DecoderLayer(nn.Module):
         return x_btd + ffn_out, (layer_cache, expert_load_e)
 
 
+def _layer_class(remat_policy: str | None):
+    if remat_policy is None:
+        return DecoderLayer
+    return nn.remat(DecoderLayer, prevent_cse=False,
+                    policy=getattr(jax.checkpoint_policies, remat_policy))
+
+
 def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
                 remat_policy: str | None, name: str):
     """`num_layers` identical decoder layers, parameters stacked on axis 0, run by `scan`.
@@ -64,10 +79,7 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
     The stack's cache rides in the scan carry; each layer sees it through a `LayerCache` and
     updates its own slots in place.
     """
-    layer = DecoderLayer
-    if remat_policy is not None:
-        layer = nn.remat(layer, prevent_cse=False,
-                         policy=getattr(jax.checkpoint_policies, remat_policy))
+    layer = _layer_class(remat_policy)
 
     def body(module, carry, index, positions_bt, segment_ids_bt):
         x_btd, cache = carry
@@ -94,15 +106,41 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
     return run
 
 
+class LayerList(nn.Module):
+    """`num_layers` decoder layers with parameters of their own (`{"0": ..., "1": ...}`), run
+    one after the other; called like `layer_stack`'s function (the serving layout)."""
+
+    config: ModelConfig
+    num_layers: int
+    moe: bool
+    qat: bool = False
+    remat_policy: str | None = None
+
+    @nn.compact
+    def __call__(self, x_btd, stack_cache, positions_bt, segment_ids_bt):
+        layer = _layer_class(self.remat_policy)
+        loads = []
+        for index in range(self.num_layers):
+            view = None if stack_cache is None else LayerCache(stack_cache, index)
+            x_btd, (view, load_e) = layer(self.config, self.moe, self.qat, serving_layout=True,
+                                          name=str(index))(
+                x_btd, view, positions_bt, segment_ids_bt)
+            stack_cache = None if view is None else view.stack
+            loads.append(load_e)
+        return x_btd, (stack_cache, jnp.stack(loads))
+
+
 class Transformer(nn.Module):
     """`tokens [B, T] -> (logits [B, T, V] float32, caches, expert_load [L_moe, E])`.
 
     With `logits_index_b [B]`, only the logits at that position of each row, `[B, 1, V]`.
+    `serving_layout` reads the parameters in the serving layout (see the module docstring).
     """
 
     config: ModelConfig
     qat: bool = False
     remat_policy: str | None = None
+    serving_layout: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
@@ -119,9 +157,12 @@ class Transformer(nn.Module):
                                      ("moe_layers", cfg.num_moe_layers, True)):
             if count == 0:
                 continue
-            x_btd, (stack_cache, load_le) = layer_stack(
-                cfg, count, is_moe, self.qat, self.remat_policy, name=stack)(
-                x_btd, cache.get(stack), positions_bt, segment_ids_bt)
+            if self.serving_layout:
+                layers = LayerList(cfg, count, is_moe, self.qat, self.remat_policy, name=stack)
+            else:
+                layers = layer_stack(cfg, count, is_moe, self.qat, self.remat_policy, name=stack)
+            x_btd, (stack_cache, load_le) = layers(x_btd, cache.get(stack), positions_bt,
+                                                   segment_ids_bt)
             new_cache[stack] = stack_cache
             if is_moe:
                 expert_load = load_le
@@ -132,6 +173,7 @@ class Transformer(nn.Module):
         head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
                       param_dtype=dtype, quantized=cfg.is_quantized("lm_head"), qat=self.qat,
                       group_size=cfg.quant_group_size, init_std=cfg.initializer_range,
+                      kernel_out_in=self.serving_layout and not cfg.is_quantized("lm_head"),
                       name="lm_head")
         logits = head(x_btd).astype(jnp.float32)
         return logits, (new_cache if cache else None), expert_load

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from k2jax import expert_parallel, quant, sharding
+from k2jax import expert_parallel, quant, sharding, tiled_grouped
 from k2jax.config import ModelConfig
 from k2jax.layers import ExpertLinear, Linear, param_with_axes
 from pallas_kernels.topk_routing import route
@@ -105,6 +105,9 @@ def expert_swiglu(x_md, group_sizes_e, gate_edm, up_edm, down_emd, dtype):
 
     Kernels are arrays or INT4 `QuantizedWeight`s; rows past `sum(group_sizes)` give zeros.
     """
+    if jax.default_backend() == "cpu":
+        return tiled_grouped.tiled_expert_swiglu(x_md, gate_edm, up_edm, down_emd,
+                                                 group_sizes_e, dtype)
     x_md = x_md.astype(dtype)
     gate = quant.grouped_matmul(x_md, gate_edm, group_sizes_e, dtype)
     up = quant.grouped_matmul(x_md, up_edm, group_sizes_e, dtype)

@@ -92,7 +92,7 @@ def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b):
     the pools."""
     cache = paged_cache.with_page_table(pools, table_bw)
     logits_b1v, cache = k2jax.forward_cached(config, params, tokens_bt, positions_bt, cache,
-                                             logits_index_b=last_b)
+                                             logits_index_b=last_b, serving_layout=True)
     return logits_b1v[:, 0], paged_cache.pools_of(cache)
 
 
@@ -122,7 +122,8 @@ class Engine:
     """Continuous-batching generation for one model.
 
     Args:
-      config, params: the model.
+      config, params: the model (the stacked checkpoint layout; the engine keeps its own copy
+        in the serving layout).
       max_batch: slots, the most sequences decoding together.
       max_seq_len: longest prompt + output (default: the smaller of the model's context and
         4096); longer sequences finish with reason "length".
@@ -143,7 +144,9 @@ class Engine:
                  cache_dtype=None, prefill_chunk: int = 256, prefix_sharing: bool = True,
                  detokenize: Detokenize | None = None, seed: int = 0):
         self.config = config
-        self.params = jax.tree.map(jnp.asarray, params)  # on device once, not per step
+        # On device once, not per step, in the serving layout (`k2jax.model`): one subtree per
+        # layer, which XLA reads where it lies instead of slicing it out of a stacked array.
+        self.params = jax.tree.map(jnp.asarray, k2jax.to_serving_layout(params))
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.page_size = page_size

@@ -20,14 +20,18 @@ def params():
     return params
 
 
-def test_prefill_then_decode_equals_full_forward(params):
+@pytest.mark.parametrize("serving_layout", [False, True], ids=["stacked", "serving_layout"])
+def test_prefill_then_decode_equals_full_forward(params, serving_layout):
     batch, prompt_len, total = 2, 37, 45  # past the 32-token YaRN original context
     tokens = jax.random.randint(jax.random.key(2), (batch, total), 0, CONFIG.vocab_size)
     full = np.asarray(k2jax.logits(CONFIG, params, tokens))
 
     cache = k2jax.init_cache(CONFIG, batch, 64, jnp.float32)
     positions = jnp.broadcast_to(jnp.arange(prompt_len), (batch, prompt_len))
-    step = jax.jit(lambda p, t, pos, c: k2jax.forward_cached(CONFIG, p, t, pos, c))
+    step = jax.jit(lambda p, t, pos, c: k2jax.forward_cached(CONFIG, p, t, pos, c,
+                                                             serving_layout=serving_layout))
+    if serving_layout:
+        params = k2jax.to_serving_layout(params)
     prefill, cache = step(params, tokens[:, :prompt_len], positions, cache)
     outs = [np.asarray(prefill)]
     for t in range(prompt_len, total):

@@ -91,3 +91,29 @@ def test_param_axes_cover_every_leaf():
         assert len(names) == len(shape.shape), (shape, names)
     assert axes["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"] == (
         "layers", "expert", "embed", "expert_mlp")
+
+
+@pytest.mark.parametrize("quantized", [(), ("attention", "routed_experts", "lm_head")],
+                         ids=["float", "int4"])
+def test_serving_layout_holds_the_same_weights_and_forward(quantized):
+    config = CONFIG.replace(quantized_linears=quantized)
+    params = k2jax.init_params(config, jax.random.key(8))
+    serving = k2jax.to_serving_layout(params)
+    layers = serving["moe_layers"]
+    assert sorted(layers) == [str(i) for i in range(config.num_moe_layers)]
+    kv_b = layers["1"]["self_attn"]["kv_b_proj"]["kernel"]
+    head = serving["lm_head"]["kernel"]
+    if quantized:  # INT4 kernels keep the format's [in, out] orientation
+        assert isinstance(kv_b, k2jax.QuantizedWeight) and isinstance(head, k2jax.QuantizedWeight)
+    else:
+        np.testing.assert_array_equal(
+            kv_b, params["moe_layers"]["self_attn"]["kv_b_proj"]["kernel"][1].T)
+        assert head.shape == (config.vocab_size, config.hidden_size)
+    back = k2jax.from_serving_layout(serving)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    tokens = jax.random.randint(jax.random.key(9), (2, 11), 0, config.vocab_size)
+    np.testing.assert_allclose(
+        np.asarray(k2jax.logits(config, serving, tokens, serving_layout=True)),
+        np.asarray(k2jax.logits(config, params, tokens)), rtol=1e-5, atol=1e-5)
