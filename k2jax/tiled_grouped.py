@@ -71,9 +71,33 @@ def _expert_weight(w, expert, dtype) -> jax.Array:
     return dequantize(values, scale, dtype)
 
 
-def _tile_loop(schedule: TileSchedule, tile_rows: int, init, body):
-    """`init` updated by `body(t, carry, start, end, expert, row_mask [tile, 1])` for each real
-    tile t, in order."""
+def _varying_like(init, *operands):
+    """`init` marked as varying over the mesh axes any operand varies over (inside
+    `shard_map` a loop carry must keep the type the body gives it)."""
+    axes = set()
+    for leaf in jax.tree.leaves(operands):
+        axes |= set(jax.typeof(leaf).manual_axis_type.varying)
+    return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
+
+
+def _summed_to_type_of(cotangent, primal):
+    """A cotangent summed over the mesh axes it varies over and its primal does not: inside
+    `shard_map` a weight replicated over `data` gets the sum of every data shard's gradient
+    (what the transpose of the implicit broadcast gives ops without a custom rule)."""
+    def match(ct, x):
+        if ct.dtype == jax.dtypes.float0:
+            return ct
+        extra = (set(jax.typeof(ct).manual_axis_type.varying)
+                 - set(jax.typeof(x).manual_axis_type.varying))
+        return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+    return jax.tree.map(match, cotangent, primal)
+
+
+def _tile_loop(schedule: TileSchedule, tile_rows: int, init, body, operands):
+    """`init` updated by `body(carry, start, expert, row_mask [tile, 1])` for each real tile,
+    in order; `operands` are what the body reads (for the carry's type under shard_map)."""
+    init = _varying_like(init, operands, schedule)
 
     def step(state):
         t, carry = state
@@ -116,7 +140,7 @@ def _matmul_rows(x_mk, w, schedule, tile_rows, dtype, transpose_w):
         return _masked_store(y_pad, tile, start, row_mask)
 
     y_pad = _tile_loop(schedule, tile_rows, jnp.zeros((num_rows + tile_rows, n), jnp.float32),
-                       body)
+                       body, (x_pad, w))
     return y_pad[:num_rows]
 
 
@@ -131,7 +155,8 @@ def _weight_grad(x_mk, dy_mn, w, schedule, tile_rows):
         old = jax.lax.dynamic_index_in_dim(dw_ekn, expert, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(dw_ekn, old + dw_kn, expert, axis=0)
 
-    return _tile_loop(schedule, tile_rows, jnp.zeros(w.shape, jnp.float32), body)
+    return _tile_loop(schedule, tile_rows, jnp.zeros(w.shape, jnp.float32), body,
+                      (x_pad, dy_pad))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -159,7 +184,7 @@ def _grouped_bwd(tile_rows, dtype, residuals, dy_mn):
         values = w.values.astype(jnp.float32).reshape(*lead, groups, k // groups, n)
         d_scale = (dw_ekn.reshape(values.shape) * values).sum(-2).astype(w.scale.dtype)
         dw = type(w)(np.zeros(w.values.shape, jax.dtypes.float0), d_scale)
-    return dx, dw, None
+    return _summed_to_type_of(dx, x_mk), _summed_to_type_of(dw, w), None
 
 
 _grouped.defvjp(_grouped_fwd, _grouped_bwd)
@@ -198,7 +223,7 @@ def _swiglu(x_mk, gate, up, down, group_sizes_e, tile_rows, dtype):
         return _masked_store(y_pad, mm(h, down), start, row_mask)
 
     init = jnp.zeros((num_rows + tile_rows, down.shape[-1]), dtype)
-    return _tile_loop(schedule, tile_rows, init, body)[:num_rows]
+    return _tile_loop(schedule, tile_rows, init, body, (x_pad, gate, up, down))[:num_rows]
 
 
 def _swiglu_fwd(x_mk, gate, up, down, group_sizes_e, tile_rows, dtype):
@@ -212,7 +237,7 @@ def _swiglu_bwd(tile_rows, dtype, residuals, dy_mn):
     _, vjp = jax.vjp(
         lambda x, g, u, d: _swiglu_rows(x, g, u, d, group_sizes_e, tile_rows, dtype),
         x_mk, gate, up, down)
-    return (*vjp(dy_mn), None)
+    return (*_summed_to_type_of(vjp(dy_mn), (x_mk, gate, up, down)), None)
 
 
 _swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)

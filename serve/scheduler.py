@@ -18,6 +18,7 @@ from serve.paged_cache import PageAllocator
 from serve.sampling import SamplingParams
 
 Detokenize = Callable[[Seq[int]], str]
+DECODE_CONTEXT_TOKENS = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -41,6 +42,10 @@ class Sequence:
     num_cached: int = 0  # leading `cache_tokens` whose entries are in the cache
     sent_tokens: int = 0  # tokens and text already reported to a stream
     sent_text: int = 0
+    # `text` of the first `_text_tokens` generated tokens, ending on a whole character: later
+    # steps decode only the tokens after it.
+    _settled_text: str = ""
+    _text_tokens: int = 0
 
     @property
     def cache_tokens(self) -> list[int]:
@@ -65,7 +70,7 @@ class Sequence:
             if self.params.logprobs:
                 self.top_logprobs.append(dict(list(top.items())[:self.params.logprobs]))
         if detokenize is not None:
-            self.text = detokenize(self.generated)
+            self.text = self._decode(detokenize)
         if token in self.stop_ids:
             self.finish_reason = "stop"
         elif self.text is not None and self._cut_at_stop_string():
@@ -74,6 +79,21 @@ class Sequence:
               or len(self.prompt) + len(self.generated) > max_seq_len):
             # The next decode would cache the last token at position len - 1, past the cache.
             self.finish_reason = "length"
+
+    def _decode(self, detokenize: Detokenize) -> str:
+        """`detokenize(generated)`, decoding only the tokens since the text last ended on a
+        whole character, after a few settled ones as context (a tokenizer may render a piece
+        differently at the start of a text)."""
+        start = max(self._text_tokens - DECODE_CONTEXT_TOKENS, 0)
+        context = detokenize(self.generated[start:self._text_tokens])
+        tail = detokenize(self.generated[start:])
+        if tail.startswith(context):
+            text = self._settled_text + tail[len(context):]
+        else:  # the context renders differently with what follows: decode it all
+            text = detokenize(self.generated)
+        if not text.endswith("\ufffd"):
+            self._settled_text, self._text_tokens = text, len(self.generated)
+        return text
 
     def _cut_at_stop_string(self) -> bool:
         found = [i for i in (self.text.find(s) for s in self.params.stop) if i >= 0]

@@ -127,3 +127,42 @@ def test_allocator_never_matches_a_stale_chain():
     # pages[0] now holds other content; its old child must not be found under it.
     alloc.register_prefix([5, 6], [pages[0]])
     assert alloc.match_prefix([5, 6, 3, 4], 4) == [pages[0]]
+
+
+def _byte_level(vocab):
+    """A byte-level detokenizer (as tiktoken's): ids -> their bytes -> UTF-8 with U+FFFD."""
+    return lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+
+def _leading_space_dropped(vocab):
+    """A sentencepiece-like one: the text's first piece loses its leading space."""
+    decode = _byte_level(vocab)
+    return lambda ids: decode(ids).removeprefix(" ")
+
+
+@pytest.mark.parametrize("make", [_byte_level, _leading_space_dropped])
+def test_incremental_text_equals_a_full_decode_and_reads_few_tokens(make):
+    # Pieces that split multi-byte characters (é, 世, an emoji) across tokens.
+    vocab = [b" a", b"\xc3", b"\xa9", b"\xe4\xb8", b"\x96", b"\xf0\x9f", b"\x98", b"\x80",
+             b" stop", b"!", b"\xff"]
+    decode = make(vocab)
+    decoded_lengths = []
+
+    def counting(ids):
+        decoded_lengths.append(len(ids))
+        return decode(ids)
+
+    ids = RNG.integers(0, len(vocab), 300).tolist()
+    seq = _sequence(SamplingParams(max_new_tokens=1000))
+    for step, token in enumerate(ids, 1):
+        seq.append(token, 0.0, None, counting, max_seq_len=10_000)
+        assert seq.text == decode(ids[:step])
+    # Each step decodes the unsettled tail and a few tokens of context, not the whole output
+    # (which would be 300 * 301 / 2 = 45150 tokens in all).
+    assert sum(decoded_lengths) < 20 * len(ids), sum(decoded_lengths)
+
+
+def _sequence(params):
+    from serve.scheduler import Sequence
+    return Sequence(request_id=0, index=0, prompt=[1], params=params, seed=0,
+                    stop_ids=frozenset(), arrival=0)
