@@ -67,7 +67,11 @@ class PagedLatentCache:
         table_bw = jnp.minimum(self.page_table, num_pages - 1)
 
         def gather(pages):
-            rows = jnp.where(allocated_bw11, pages[layer, table_bw], 0)
+            # One clipped gather along the flattened (layer, page) axis: indexing both axes
+            # makes XLA:CPU copy the whole pool (written in place by the layer) every call.
+            flat = pages.reshape(-1, *pages.shape[2:])
+            rows = jnp.where(allocated_bw11, jnp.take(flat, layer * num_pages + table_bw,
+                                                      axis=0, mode="clip"), 0)
             return rows.reshape(batch, width * pages.shape[2], pages.shape[-1])
 
         ckv_bsc, kpe_bsr = gather(self.ckv), gather(self.kpe)

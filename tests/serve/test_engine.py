@@ -58,6 +58,25 @@ def test_pages_write_and_read_in_position_order():
     assert not np.any(written.ckv[0]) and not np.any(written.kpe[0])
 
 
+@pytest.mark.parametrize("rows, tokens", [(1, 1), (4, 1), (2, 16)], ids=["decode", "decode4",
+                                                                        "prefill"])
+def test_steps_update_the_pools_in_place(model, rows, tokens):
+    """A step writes its slots where the pools lie: the compiled forward holds no copy of a
+    pool, whose size (the whole page pool) would otherwise set the cost of every step."""
+    from serve.engine import _forward
+    config, params = model
+    num_pages = 37  # a size nothing else in the model has
+    pools = paged_cache.init_pages(config, num_pages, 8, jnp.float32)
+    args = (config, k2jax.to_serving_layout(params), pools, jnp.zeros((rows, tokens), jnp.int32),
+            jnp.zeros((rows, tokens), jnp.int32), jnp.zeros((rows, 4), jnp.int32),
+            jnp.zeros((rows,), jnp.int32))
+    hlo = _forward.lower(*args).compile().as_text()
+    pool_shapes = {f"f32[{','.join(map(str, a.shape))}]" for pair in pools.values() for a in pair}
+    copies = [line for line in hlo.splitlines()
+              if " copy(" in line and any(f"= {shape}" in line for shape in pool_shapes)]
+    assert not copies, copies[:2]
+
+
 def test_fp8_pages_round_trip_and_saturate():
     cache = paged_cache.PagedLatentCache(jnp.zeros((1, 2, 4, 3), jnp.float8_e4m3fn),
                                          jnp.zeros((1, 2, 4, 2), jnp.float8_e4m3fn),
