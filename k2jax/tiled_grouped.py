@@ -52,7 +52,8 @@ def tile_schedule(group_sizes_e: jax.Array, num_rows: int, tile_rows: int) -> Ti
     starts_e = jnp.concatenate([jnp.zeros((1,), ends_e.dtype), ends_e[:-1]])
     tiles_e = -(-(ends_e - starts_e) // tile_rows)
     tile_ends_e = jnp.cumsum(tiles_e)
-    max_tiles = -(-num_rows // tile_rows) + min(num_experts, num_rows)
+    # A tile holds at least one row, and only an expert's last tile may be partial.
+    max_tiles = max(1, min(num_rows, -(-num_rows // tile_rows) + min(num_experts, num_rows)))
     t = jnp.arange(max_tiles, dtype=jnp.int32)
     expert_t = jnp.minimum(jnp.searchsorted(tile_ends_e, t, side="right"), num_experts - 1)
     first_tile_t = tile_ends_e[expert_t] - tiles_e[expert_t]
