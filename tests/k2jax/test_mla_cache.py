@@ -58,16 +58,17 @@ def test_rows_at_different_positions(params):
     lengths = [5, 11]
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, CONFIG.vocab_size)
     cache = k2jax.init_cache(CONFIG, 2, 16, jnp.float32)
+    forward_cached = jax.jit(lambda p, t, pos, c: k2jax.forward_cached(CONFIG, p, t, pos, c))
+    logits_of = jax.jit(lambda p, t: k2jax.logits(CONFIG, p, t))
     for row, n in enumerate(lengths):
         # Prefill each row alone into its own slot of the shared cache.
         row_cache = jax.tree.map(lambda c: c[:, row:row + 1], cache)
-        _, row_cache = k2jax.forward_cached(CONFIG, params, tokens[row:row + 1, :n],
-                                            jnp.arange(n)[None], row_cache)
+        _, row_cache = forward_cached(params, tokens[row:row + 1, :n], jnp.arange(n)[None],
+                                      row_cache)
         cache = jax.tree.map(lambda c, r: c.at[:, row:row + 1].set(r), cache, row_cache)
     next_tokens = jnp.stack([tokens[0, 5], tokens[1, 11]])[:, None]
-    logits, _ = k2jax.forward_cached(CONFIG, params, next_tokens,
-                                     jnp.array([[5], [11]]), cache)
+    logits, _ = forward_cached(params, next_tokens, jnp.array([[5], [11]]), cache)
     for row, n in enumerate(lengths):
-        full = k2jax.logits(CONFIG, params, tokens[row:row + 1, :n + 1])[0, -1]
+        full = logits_of(params, tokens[row:row + 1, :n + 1])[0, -1]
         np.testing.assert_allclose(np.asarray(logits[row, 0]), np.asarray(full),
                                    rtol=1e-5, atol=1e-5 * float(jnp.abs(full).max()))
