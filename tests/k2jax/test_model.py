@@ -9,6 +9,8 @@ import k2jax
 from k2jax.model import Transformer
 
 CONFIG = k2jax.ModelConfig.preset("tiny").replace(dtype="float32")
+# Jitted: op by op, the MoE's expert loop makes an eager forward slow on CPU.
+logits = jax.jit(k2jax.logits, static_argnums=0, static_argnames="serving_layout")
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +25,9 @@ def test_packed_documents_equal_separate_forwards(params):
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     positions = jnp.concatenate([jnp.arange(13), jnp.arange(19)])[None]
     segments = jnp.concatenate([jnp.zeros(13, jnp.int32), jnp.ones(19, jnp.int32)])[None]
-    got = k2jax.logits(CONFIG, params, packed, positions, segments)
-    want = jnp.concatenate([k2jax.logits(CONFIG, params, doc_a),
-                            k2jax.logits(CONFIG, params, doc_b)], axis=1)
+    got = logits(CONFIG, params, packed, positions, segments)
+    want = jnp.concatenate([logits(CONFIG, params, doc_a),
+                            logits(CONFIG, params, doc_b)], axis=1)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
@@ -33,8 +35,8 @@ def test_gradients_reach_weights_but_not_router_bias(params):
     tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, CONFIG.vocab_size)
 
     def loss(p):
-        logits = k2jax.logits(CONFIG, p, tokens[:, :-1])
-        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits),
+        out = logits(CONFIG, p, tokens[:, :-1])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(out),
                                              tokens[:, 1:, None], -1))
 
     grads = jax.grad(loss)(params)
@@ -51,8 +53,8 @@ def test_bfloat16_forward_tracks_float32(params):
     params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
     params16["moe_layers"]["mlp"]["gate"] = params["moe_layers"]["mlp"]["gate"]  # f32 router
     tokens = jax.random.randint(jax.random.key(4), (2, 24), 0, CONFIG.vocab_size)
-    ref = np.asarray(k2jax.logits(CONFIG, params, tokens))
-    got = k2jax.logits(config16, params16, tokens)
+    ref = np.asarray(logits(CONFIG, params, tokens))
+    got = logits(config16, params16, tokens)
     assert got.dtype == jnp.float32
     # bf16 rounding flips a few near-tied expert choices, so compare in aggregate.
     err = np.abs(np.asarray(got) - ref).mean() / np.abs(ref).mean()
@@ -69,8 +71,8 @@ def test_int4_experts_forward_equals_dequantized():
                          if isinstance(w, k2jax.QuantizedWeight) else w, qparams,
                          is_leaf=lambda w: isinstance(w, k2jax.QuantizedWeight))
     tokens = jax.random.randint(jax.random.key(6), (2, 10), 0, CONFIG.vocab_size)
-    np.testing.assert_allclose(np.asarray(k2jax.logits(config, qparams, tokens)),
-                               np.asarray(k2jax.logits(CONFIG, dense, tokens)),
+    np.testing.assert_allclose(np.asarray(logits(config, qparams, tokens)),
+                               np.asarray(logits(CONFIG, dense, tokens)),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -115,5 +117,5 @@ def test_serving_layout_holds_the_same_weights_and_forward(quantized):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     tokens = jax.random.randint(jax.random.key(9), (2, 11), 0, config.vocab_size)
     np.testing.assert_allclose(
-        np.asarray(k2jax.logits(config, serving, tokens, serving_layout=True)),
-        np.asarray(k2jax.logits(config, params, tokens)), rtol=1e-5, atol=1e-5)
+        np.asarray(logits(config, serving, tokens, serving_layout=True)),
+        np.asarray(logits(config, params, tokens)), rtol=1e-5, atol=1e-5)
