@@ -61,15 +61,15 @@ def _transpose_float(linear):
 
 
 def _layout_linears(params):
-    """`params` with the float kernels the serving layout holds `[out, in]` transposed:
-    lm_head and every layer's kv_b_proj (`[L, C, O]` stacked: `axes` swap the last two)."""
+    """`params` (one subtree per layer) with the float kernels of lm_head and of each layer's
+    kv_b_proj transposed, `[in, out]` <-> `[out, in]`: its own inverse."""
     out = {**params, "lm_head": _transpose_float(params["lm_head"])}
     for stack in STACKS:
         if stack in out:
-            for key, layer in out[stack].items():
-                attn = layer["self_attn"]
-                out[stack] = {**out[stack], key: {
-                    **layer, "self_attn": {**attn, "kv_b_proj": _transpose_float(attn["kv_b_proj"])}}}
+            out[stack] = {key: {**layer, "self_attn": {
+                **layer["self_attn"],
+                "kv_b_proj": _transpose_float(layer["self_attn"]["kv_b_proj"])}}
+                for key, layer in out[stack].items()}
     return out
 
 
