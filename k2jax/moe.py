@@ -105,7 +105,7 @@ def expert_swiglu(x_md, group_sizes_e, gate_edm, up_edm, down_emd, dtype):
 
     Kernels are arrays or INT4 `QuantizedWeight`s; rows past `sum(group_sizes)` give zeros.
     """
-    if jax.default_backend() == "cpu":
+    if tiled_grouped.preferred():
         return tiled_grouped.tiled_expert_swiglu(x_md, gate_edm, up_edm, down_emd,
                                                  group_sizes_e, dtype)
     x_md = x_md.astype(dtype)

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from k2jax.tiled_grouped import tiled_grouped_matmul
+from k2jax import tiled_grouped
 from pallas_kernels import common as pallas_common
 from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
 from pallas_kernels.int4_matmul import int4_matmul
@@ -103,8 +103,8 @@ def grouped_matmul(x_mk: jax.Array, w: jax.Array | QuantizedWeight, group_sizes_
     On CPU a loop over the routed experts' row tiles (`k2jax.tiled_grouped`), since XLA:CPU
     computes `ragged_dot` against every expert; elsewhere `ragged_dot` or the INT4 kernel.
     """
-    if jax.default_backend() == "cpu":
-        return tiled_grouped_matmul(x_mk, w, group_sizes_e, dtype)
+    if tiled_grouped.preferred():
+        return tiled_grouped.tiled_grouped_matmul(x_mk, w, group_sizes_e, dtype)
     if isinstance(w, QuantizedWeight):
         return grouped_int4_matmul(x_mk.astype(dtype), w.values, w.scale,
                                    group_sizes_e).astype(dtype)

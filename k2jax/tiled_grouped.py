@@ -26,6 +26,12 @@ if typing.TYPE_CHECKING:
     from k2jax.quant import QuantizedWeight
 
 
+def preferred() -> bool:
+    """Whether the default backend should use this path: XLA:CPU, whose `ragged_dot` is dense
+    over the experts (GPU and TPU have grouped matmuls and the Pallas kernels)."""
+    return jax.default_backend() == "cpu"
+
+
 class TileSchedule(typing.NamedTuple):
     """Which rows each tile covers: tile t multiplies rows `[start_t, end_t)` by expert
     `expert_t`'s weight; only the first `num_tiles` entries are real."""
