@@ -167,16 +167,20 @@ def main(argv=None) -> int:
     hf = random_hf_model(config, seed=0, std=0.02)
     params = jax.tree.map(jnp.asarray, params_from_hf_model(config, hf))
     rng = np.random.default_rng(0)
+
+    def prompts_and_warmup(batch):
+        """Two sets of `batch` random prompts: timed, and untimed for compilation."""
+        return tuple(rng.integers(3, config.vocab_size, (batch, args.prompt_len))
+                     for _ in range(2))
+
     load_before = os.getloadavg()  # other processes on the machine skew every timing
     bandwidth = copy_bandwidth()
     # One untimed engine run first: the first in a process runs its steps ~30% slower (the
     # allocator and thread pools warming up), which would land on whichever batch came first.
-    bench_k2jax(config, params, *(rng.integers(3, config.vocab_size, (1, args.prompt_len))
-                                  for _ in range(2)), args.new_tokens)
+    bench_k2jax(config, params, *prompts_and_warmup(1), args.new_tokens)
     rows = []
     for batch in args.batches:
-        prompts, warmup = (rng.integers(3, config.vocab_size, (batch, args.prompt_len))
-                           for _ in range(2))
+        prompts, warmup = prompts_and_warmup(batch)
         ours = bench_k2jax(config, params, prompts, warmup, args.new_tokens)
         theirs = bench_hf(hf, prompts, args.new_tokens)
         row = {"batch": batch, "hf": theirs, "k2jax": ours,
@@ -194,7 +198,7 @@ def main(argv=None) -> int:
         print(f"batch {batch}: {json.dumps(row)}", file=sys.stderr, flush=True)
 
     # A serving-sized pool (every slot at 4096 tokens): the step must not grow with it.
-    prompts, warmup = (rng.integers(3, config.vocab_size, (1, args.prompt_len)) for _ in range(2))
+    prompts, warmup = prompts_and_warmup(1)
     big_pool = bench_k2jax(config, params, prompts, warmup, args.new_tokens, max_seq_len=4096)
 
     load = {"cpus": os.cpu_count(), "loadavg_1min_before": load_before[0],

@@ -109,10 +109,10 @@ class MLAttention(nn.Module):
         d, n, h, r, u = (cfg.hidden_size, cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim,
                       cfg.v_head_dim)
         dtype = jnp.dtype(cfg.dtype)
-        linear = lambda in_features, features, axes: Linear(  # noqa: E731
+        linear = lambda in_features, features, axes, **kw: Linear(  # noqa: E731
             in_features, features, axes, dtype=dtype, param_dtype=dtype,
             quantized=cfg.is_quantized("attention"), qat=self.qat,
-            group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
+            group_size=cfg.quant_group_size, init_std=cfg.initializer_range, **kw)
         norm = lambda: RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=dtype)  # noqa: E731
         if cfg.q_lora_rank:
             self.q_a_proj = linear(d, cfg.q_lora_rank, ("embed", "q_lora"))
@@ -122,11 +122,8 @@ class MLAttention(nn.Module):
             self.q_proj = linear(d, n * (h + r), ("embed", "heads"))
         self.kv_a_proj_with_mqa = linear(d, cfg.kv_lora_rank + r, ("embed", "kv_lora"))
         self.kv_a_layernorm = norm()
-        quantized = cfg.is_quantized("attention")
-        self.kv_b_proj = Linear(
-            cfg.kv_lora_rank, n * (h + u), ("kv_lora", "heads"), dtype=dtype, param_dtype=dtype,
-            quantized=quantized, qat=self.qat, group_size=cfg.quant_group_size,
-            init_std=cfg.initializer_range, kernel_out_in=self.serving_layout and not quantized)
+        self.kv_b_proj = linear(cfg.kv_lora_rank, n * (h + u), ("kv_lora", "heads"),
+                                kernel_out_in=self.serving_layout)
         self.o_proj = linear(n * u, d, ("heads", "embed"))
 
     def _queries(self, x_btd, cos, sin):
@@ -154,7 +151,7 @@ class MLAttention(nn.Module):
             kernel = quant.dequantize(kernel, jnp.dtype(cfg.dtype))
         n, c = cfg.num_attention_heads, cfg.kv_lora_rank
         kernel = kernel.astype(cfg.dtype)
-        if self.kv_b_proj.kernel_out_in:  # already head-major: no transpose per call
+        if self.kv_b_proj.stores_out_in:  # already head-major: no transpose per call
             kernel_nkc = kernel.reshape(n, -1, c)
         else:
             kernel_nkc = kernel.reshape(c, n, -1).transpose(1, 2, 0)

@@ -57,8 +57,9 @@ class Linear(nn.Module):
       axes: logical names of the kernel's (in, out) axes.
       quantized: store the kernel as an INT4 `QuantizedWeight` (group `group_size`).
       qat: fake-quantize a float kernel in the forward (straight-through gradient).
-      kernel_out_in: store a float kernel transposed, `[out, in]` (the serving layout's
-        lm_head: XLA:CPU multiplies a few rows by a wide matrix 2-3x faster this way round).
+      kernel_out_in: store the kernel transposed, `[out, in]`, when it is a float one (the
+        serving layout: XLA:CPU multiplies a few rows by a wide matrix 2-3x faster this way
+        round); INT4 kernels keep the format's `[in, out]`.
     """
 
     in_features: int
@@ -72,13 +73,18 @@ class Linear(nn.Module):
     init_std: float = 0.02
     kernel_out_in: bool = False
 
+    @property
+    def stores_out_in(self) -> bool:
+        """Whether the kernel is held `[out, in]` (`kernel_out_in` on a float kernel)."""
+        return self.kernel_out_in and not self.quantized
+
     def setup(self):
-        if self.kernel_out_in and (self.quantized or self.qat):
-            raise ValueError("kernel_out_in holds float kernels only (not INT4, not QAT)")
+        if self.stores_out_in and self.qat:
+            raise ValueError("kernel_out_in is a serving layout: not for QAT")
         init = (quantized_init(self.init_std, self.group_size) if self.quantized
                 else normal_init(self.init_std))
         shape, axes = (self.in_features, self.features), self.axes
-        if self.kernel_out_in:
+        if self.stores_out_in:
             shape, axes = shape[::-1], axes[::-1]
         self.kernel = param_with_axes(self, "kernel", init, shape, self.param_dtype, axes)
 
@@ -87,7 +93,7 @@ class Linear(nn.Module):
         return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
 
     def __call__(self, x):
-        if self.kernel_out_in:
+        if self.stores_out_in:
             *lead, din = x.shape
             y_on = jnp.einsum("oi,ni->on", self.kernel.astype(self.dtype),
                               x.reshape(-1, din).astype(self.dtype))

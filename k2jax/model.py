@@ -173,7 +173,7 @@ class Transformer(nn.Module):
         head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
                       param_dtype=dtype, quantized=cfg.is_quantized("lm_head"), qat=self.qat,
                       group_size=cfg.quant_group_size, init_std=cfg.initializer_range,
-                      kernel_out_in=self.serving_layout and not cfg.is_quantized("lm_head"),
+                      kernel_out_in=self.serving_layout,
                       name="lm_head")
         logits = head(x_btd).astype(jnp.float32)
         return logits, (new_cache if cache else None), expert_load
