@@ -22,6 +22,9 @@ from k2jax.config import LINEAR_GROUPS
 PARAM_GROUPS = LINEAR_GROUPS + ("embed", "router", "norms")
 OPTIMIZERS = ("adamw", "muon")
 CONFIG_FILE = "train_config.json"
+# What a resumed run may change: how long it runs, what it keeps, logs and writes; not what or
+# how it trains, which would make the resumed run a different run from the checkpoint on.
+RESUMABLE = ("out", "steps", "export", "checkpoint_every", "keep_checkpoints", "log_every")
 
 
 class TrainConfigError(ValueError):
@@ -39,8 +42,9 @@ class TrainConfig:
     path (default: the checkpoint's own `tiktoken.model`; bytes for a preset); `batch_size` rows
     of `seq_len` tokens per optimizer step, split into `grad_accum` micro-batches.
     Optimizer: AdamW, or Muon for the linear kernels with AdamW for the rest; linear warmup to
-    `learning_rate` then cosine decay to `min_lr_ratio * learning_rate`; `grad_clip` the global
-    norm; `qk_clip_threshold` enables K2's QK-clip (MuonClip) at that max attention logit.
+    `learning_rate` then cosine decay to `min_lr_ratio * learning_rate` at step `decay_steps`
+    (None: `steps`; a resumed run keeps its first run's value, so that `--steps` can grow
+    without moving the schedule), constant after it; `grad_clip` the global norm; `qk_clip_threshold` enables K2's QK-clip (MuonClip) at that max attention logit.
     QAT: `qat_groups` the linear groups trained with INT4 fake quantization (None: those the
     model config stores as INT4). `trainable` the parameter groups that receive updates.
     MoE: `bias_update_rate` of the aux-loss-free balancing, `aux_loss_coef` of the optional
@@ -63,6 +67,7 @@ class TrainConfig:
     optimizer: str = "adamw"
     learning_rate: float = 3e-4
     warmup_steps: int = 10
+    decay_steps: int | None = None
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.1
     b1: float = 0.9
@@ -98,6 +103,9 @@ class TrainConfig:
              f"compute_dtype must be bfloat16, float16 or float32, got {self.compute_dtype!r}")
         need(self.learning_rate > 0, "learning_rate must be positive")
         need(0 <= self.warmup_steps, "warmup_steps must be >= 0")
+        need(self.decay_steps is None or (isinstance(self.decay_steps, int)
+                                          and self.decay_steps > 0),
+             f"decay_steps must be a positive integer or null, got {self.decay_steps!r}")
         need(0 <= self.min_lr_ratio <= 1, "min_lr_ratio must lie in [0, 1]")
         need(self.weight_decay >= 0, "weight_decay must be >= 0")
         need(self.grad_clip is None or self.grad_clip > 0, "grad_clip must be positive or null")
@@ -117,6 +125,11 @@ class TrainConfig:
 
             need(hasattr(jax.checkpoint_policies, self.remat_policy),
                  f"remat_policy {self.remat_policy!r} is not a jax.checkpoint_policies name")
+
+    @property
+    def schedule_steps(self) -> int:
+        """The step at which the cosine decay ends (`decay_steps`, or `steps` if unset)."""
+        return self.steps if self.decay_steps is None else self.decay_steps
 
     # ---- construction -------------------------------------------------------------------
     def replace(self, **changes) -> "TrainConfig":
@@ -177,3 +190,26 @@ class TrainConfig:
             raise TrainConfigError(f"{directory}: no {CONFIG_FILE}; nothing to resume")
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def resumed(saved: TrainConfig, given: Mapping[str, Any]) -> tuple[TrainConfig, str | None]:
+    """`(config, note)` of a run resumed from `saved` with the options `given` on the command line.
+
+    `given` may repeat saved values; of the rest only `RESUMABLE` options may differ. The cosine
+    decay keeps the saved run's end (`decay_steps`), so a larger `steps` extends the run at the
+    final learning rate instead of stretching the schedule under the steps already taken. An
+    `export` given is used as given; the saved one only while nothing is there yet (a finished
+    earlier export is never written to again), and `note` then says why nothing is exported.
+    """
+    changed = [f"{k} (run: {getattr(saved, k)!r}, given: {v!r})" for k, v in given.items()
+               if k not in RESUMABLE and getattr(saved, k) != v]
+    if changed:
+        raise TrainConfigError(f"--resume continues the run as it started; only "
+                               f"{', '.join(RESUMABLE[1:])} may change, not {'; '.join(changed)}")
+    cfg = saved.replace(decay_steps=saved.schedule_steps,
+                        **{k: v for k, v in given.items() if k in RESUMABLE})
+    if "export" not in given and cfg.export and os.path.exists(cfg.export):
+        note = (f"not exporting: {cfg.export} already holds an earlier export of this run; "
+                f"pass --export PATH to export step {cfg.steps}")
+        return cfg.replace(export=None), note
+    return cfg, None

@@ -180,14 +180,33 @@ class JsonlCorpus:
     def __len__(self) -> int:
         return len(self._offsets)
 
+    def validate(self) -> None:
+        """Reads and encodes every record once (filling the document cache), so that a bad line
+        stops a run before it compiles or writes anything rather than steps into training.
+
+        Raises `DataError` naming the first bad line (`PATH:LINE: what is wrong`), or when no
+        document has the two tokens one (input, target) pair needs.
+        """
+        if max(len(self.document(i).tokens) for i in range(len(self))) < 2:
+            raise DataError(f"{self.path}: no document has two tokens")
+
     def _read(self, i: int) -> Document:
         with open(self.path, "rb") as f:
             f.seek(self._offsets[i])
             line = f.readline()
+        where = f"{self.path}:{self._lines[i]}"
         try:
-            return encode_record(json.loads(line), self.tokenizer)
-        except (DataError, ValueError, KeyError, TypeError) as e:
-            raise DataError(f"{self.path}:{self._lines[i]}: {e}") from None
+            record = json.loads(line)
+        except UnicodeDecodeError:
+            raise DataError(f"{where}: not UTF-8 text") from None
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+        try:
+            return encode_record(record, self.tokenizer)
+        except KeyError as e:
+            raise DataError(f"{where}: missing field {e}") from None
+        except (DataError, ValueError, TypeError) as e:
+            raise DataError(f"{where}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)

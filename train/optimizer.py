@@ -11,7 +11,7 @@ weight decay by construction. Inside the trainable subtree, optax masks choose:
   both; AdamW for the embedding, lm_head and norm scales.
 
 The schedule is a linear warmup from 0 to `learning_rate` over `warmup_steps`, then a cosine
-decay to `min_lr_ratio * learning_rate` at `steps`; gradients are clipped to `grad_clip` global
+decay to `min_lr_ratio * learning_rate` at `cfg.schedule_steps`, constant after; gradients are clipped to `grad_clip` global
 norm (over the trainable leaves) first.
 """
 
@@ -46,7 +46,7 @@ def merge(trainable, frozen: dict):
 def schedule(cfg: TrainConfig) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1),
+        decay_steps=max(cfg.schedule_steps, cfg.warmup_steps + 1),
         end_value=cfg.learning_rate * cfg.min_lr_ratio)
 
 

@@ -6,7 +6,9 @@ float32 master weights, `train.qat.master_from_quantized`), writes `OUT/train_co
 writes the trained model as a k2jax checkpoint whose QAT groups are INT4.
 With `resume=True` it continues from the newest complete checkpoint of `OUT`: parameters,
 optimizer state, step and data position are restored, so the losses are those an
-uninterrupted run would have logged.
+uninterrupted run would have logged. The corpus is read through once before anything is
+written or compiled, so a bad record costs seconds, not a compilation. SIGINT and SIGTERM stop
+the loop at a step boundary with that step saved (`train.interrupt`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import jax.numpy as jnp
 
 from k2jax import api, checkpoint, sharding
 from k2jax.config import ModelConfig
-from train import data, metrics as metrics_lib, mesh as train_mesh, optimizer, qat, step as step_lib
+from train import data, interrupt, metrics as metrics_lib, mesh as train_mesh, optimizer, qat
+from train import step as step_lib
 from train.checkpointing import Checkpoints, abstract_with_shardings
 from train.config import TrainConfig, TrainConfigError
 
@@ -52,7 +55,21 @@ def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, me
 
 
 def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Runs (or resumes) training to `cfg.steps`; returns the last metrics record (or {})."""
+    """Runs (or resumes) training to `cfg.steps`; returns the last metrics record (or {}).
+
+    Raises `Interrupted` after SIGINT/SIGTERM: at the next step boundary the current step is
+    saved, every checkpoint write finishes, and training stops without exporting (an export
+    already under way finishes first: it is written whole or not at all).
+    """
+    with interrupt.StopRequests() as stop:
+        last, step = _train(cfg, resume, quiet, stop)
+    if stop.received:
+        raise interrupt.Interrupted(stop.received, step)
+    return last
+
+
+def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int]:
+    """`(last metrics record, step reached)`."""
     if cfg.export and os.path.exists(cfg.export):
         raise TrainConfigError(f"export path {cfg.export} already exists; remove it or pass "
                                "--export with a new path")
@@ -62,7 +79,9 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     if tokenizer.vocab_size > config.vocab_size:
         raise data.DataError(f"tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary "
                              f"only {config.vocab_size}")
-    packer = data.Packer(data.JsonlCorpus(cfg.data, tokenizer), cfg.seq_len, cfg.seed)
+    corpus = data.JsonlCorpus(cfg.data, tokenizer)
+    corpus.validate()  # before the run directory exists and the step compiles
+    packer = data.Packer(corpus, cfg.seq_len, cfg.seed)
     tx = optimizer.make_optimizer(cfg)
     abstract_params = jax.eval_shape(qat.master_params, api.param_shapes(model_config))
     trainable = optimizer.trainable_paths(abstract_params, cfg.trainable)
@@ -75,42 +94,50 @@ def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     step_fn = step_lib.make_step(model_config, cfg, qat_groups, trainable, tx)
 
     ckpts = Checkpoints(cfg.out, cfg.checkpoint_every, cfg.keep_checkpoints)
-    with sharding.activate(mesh):
-        jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state, abstract_batch,
-                                                       model_config, mesh)
-        start = ckpts.latest_step() if resume else None
-        if resume and start is None and not quiet:
-            print(f"no checkpoint in {ckpts.directory}; starting from step 0", flush=True)
-        if start is not None:
-            state, data_state = ckpts.restore(start, abstract_with_shardings(abstract_state,
-                                                                             state_sh))
-            packer.restore(data_state)
-        else:
-            if ckpts.latest_step() is not None:
-                raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume "
-                                       "to continue or choose another --out")
-            state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
-        if jax.process_index() == 0:
-            cfg.save(cfg.out)
-        log = metrics_lib.MetricsLog(cfg.out, start, quiet)
-        compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
-                                abstract_with_shardings(abstract_batch, batch_sh)).compile()
-        state, last = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config,
-                            start or 0)
-    ckpts.close()
-    if cfg.export:
+    try:
+        with sharding.activate(mesh):
+            jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state,
+                                                           abstract_batch, model_config, mesh)
+            start = ckpts.latest_step() if resume else None
+            if resume and start is None and not quiet:
+                print(f"no checkpoint in {ckpts.directory}; starting from step 0", flush=True)
+            if start is not None:
+                if start > cfg.steps:
+                    raise TrainConfigError(f"{cfg.out} is at step {start} already; pass "
+                                           f"--steps {start} or more")
+                state, data_state = ckpts.restore(
+                    start, abstract_with_shardings(abstract_state, state_sh))
+                packer.restore(data_state)
+            else:
+                if ckpts.latest_step() is not None:
+                    raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume "
+                                           "to continue or choose another --out")
+                state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
+            if jax.process_index() == 0:
+                cfg.save(cfg.out)
+            log = metrics_lib.MetricsLog(cfg.out, start, quiet)
+            compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
+                                    abstract_with_shardings(abstract_batch, batch_sh)).compile()
+            state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log,
+                                      model_config, start or 0, stop)
+    finally:
+        ckpts.close()
+    if cfg.export and not stop.received:
         export(state["params"], config, qat_groups, cfg.export)
         if not quiet:
             print(f"exported {cfg.export} (INT4: {', '.join(qat_groups) or 'none'})", flush=True)
-    return last
+    return last, step
 
 
-def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, start):
+def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, start, stop):
+    """Steps from `start` to `cfg.steps`, or until `stop.received`; `(state, last, step)`."""
     flops = metrics_lib.train_flops_per_token(model_config, cfg.seq_len)
     peak = metrics_lib.peak_flops()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last = {}
     for step in range(start, cfg.steps):
+        if stop.received:
+            return state, last, step
         batch = data.micro_batches(packer.rows(cfg.batch_size), cfg.grad_accum)
         began = time.perf_counter()
         state, step_metrics = compiled(state, train_mesh.put_batch(batch, batch_sh))
@@ -121,8 +148,9 @@ def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, star
             last = metrics_lib.record(done, step_metrics, seconds, tokens_per_step, flops, peak,
                                       jax.device_count())
             log.write(last)
-        ckpts.save(done, state, packer.state(), force=done == cfg.steps)
-    return state, last
+        # A stop request makes this step's checkpoint due, whatever checkpoint_every says.
+        ckpts.save(done, state, packer.state(), force=done == cfg.steps or bool(stop.received))
+    return state, last, max(start, cfg.steps)
 
 
 def export(master, config: ModelConfig, qat_groups, path: str) -> None:
