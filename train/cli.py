@@ -16,7 +16,7 @@ import sys
 
 from train.config import OPTIMIZERS, PARAM_GROUPS, RESUMABLE, TrainConfig, TrainConfigError
 from train.config import resumed
-from train.interrupt import Interrupted
+from train.interrupt import Interrupted, StopRequests
 
 EXAMPLE = """example (tiny model, one CPU, a minute or two):
   for i in $(seq 64); do echo '{"text": "sample '$i': the quick brown fox"}'; done > corpus.jsonl
@@ -24,8 +24,8 @@ EXAMPLE = """example (tiny model, one CPU, a minute or two):
       --qat routed_experts --out runs/tiny --export runs/tiny-int4
   k2jax train --resume --out runs/tiny --steps 100 --export runs/tiny-int4-100
 
---resume takes every option from the run in --out; """ + ", ".join(
-    "--" + name.replace("_", "-") for name in RESUMABLE[1:]) + """ may change.
+--resume takes every option from the run in --out; only these may change:
+  """ + " ".join("--" + name.replace("_", "-") for name in RESUMABLE[1:]) + """
 The learning rate keeps the first run's schedule (cosine to --decay-steps, then constant), so
 a larger --steps continues at the final rate. Without --export a resumed run exports to the
 first run's --export path only if nothing is there yet. Ctrl-C (SIGINT) or SIGTERM saves a
@@ -67,25 +67,27 @@ _HELP = {
 # What an unset (None) option means, where the dataclass default alone does not say.
 _UNSET = {
     "preset": "tiny, unless --checkpoint is given", "checkpoint": "none",
-    "data": "required", "out": "required",
     "tokenizer": "the checkpoint's tiktoken.model; bytes for a preset",
     "decay_steps": "--steps of the first run", "qk_clip_threshold": "off",
-    "remat_policy": "none (save every activation)", "mesh": "fsdp over every device",
+    "remat_policy": "none: every activation is saved", "mesh": "fsdp over every device",
     "export": "no export",
 }
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 
-def _default_text(field: str) -> str:
-    value = _DEFAULTS.get(field)
-    if field in _UNSET:
-        return _UNSET[field]
+def _default_text(field: str) -> str | None:
+    """How `--help` shows `field`'s default; None for a required option."""
+    value = _DEFAULTS[field]
+    if field in _UNSET or value is dataclasses.MISSING:
+        return _UNSET.get(field)
     return ",".join(value) if isinstance(value, tuple) else str(value)
 
 
-def _help(text: str, default: str) -> str:
+def _help(text: str, default: str | None) -> str:
+    """`text` with its default, or "(required)" for None."""
     # '%' is argparse's format character in help strings.
-    return f"{text} (default: {default})".replace("%", "%%")
+    shown = "required" if default is None else f"default: {default}"
+    return f"{text} ({shown})".replace("%", "%%")
 
 
 def _groups(text: str) -> tuple[str, ...]:
@@ -136,16 +138,18 @@ def build_config(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     cfg = build_config(args)
-    from train.trainer import train  # JAX loads only once the options are valid
+    # Signals are caught from here on: loading JAX alone takes seconds.
+    with StopRequests() as stop:
+        from train.trainer import train  # JAX loads only once the options are valid
 
-    try:
-        last = train(cfg, resume=args.resume, quiet=args.quiet)
-    except Interrupted as stop:
-        saved = (f"checkpoint {stop.step} saved; continue with k2jax train --resume --out "
-                 f"{cfg.out}" if stop.step else "nothing saved")
-        print(f"k2jax train: {signal.Signals(stop.signum).name} at step {stop.step}: {saved}",
-              file=sys.stderr, flush=True)
-        return stop.exit_code
+        try:
+            last = train(cfg, resume=args.resume, quiet=args.quiet, stop=stop)
+        except Interrupted as e:
+            saved = (f"checkpoint {e.step} is complete; continue with k2jax train --resume "
+                     f"--out {cfg.out}" if e.step else "no checkpoint yet")
+            print(f"k2jax train: stopped by {signal.Signals(e.signum).name} at step {e.step}: "
+                  f"{saved}", file=sys.stderr, flush=True)
+            return e.exit_code
     if last and not args.quiet:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}; run in {cfg.out}")
     return 0

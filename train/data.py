@@ -196,11 +196,11 @@ class JsonlCorpus:
             line = f.readline()
         where = f"{self.path}:{self._lines[i]}"
         try:
-            record = json.loads(line)
+            record = json.loads(line.strip())
         except UnicodeDecodeError:
             raise DataError(f"{where}: not UTF-8 text") from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            raise DataError(f"{where}: not valid JSON: {e.msg} (column {e.colno})") from None
         try:
             return encode_record(record, self.tokenizer)
         except KeyError as e:

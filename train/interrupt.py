@@ -17,7 +17,7 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal after saving `step` (a checkpoint of it exists)."""
+    """Training stopped on a signal at `step`, which has a complete checkpoint (unless 0)."""
 
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step

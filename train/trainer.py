@@ -54,15 +54,19 @@ def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, me
     return jax.jit(from_params, out_shardings=state_sh)(params)
 
 
-def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def train(cfg: TrainConfig, resume: bool = False, quiet: bool = False,
+          stop: interrupt.StopRequests | None = None) -> dict:
     """Runs (or resumes) training to `cfg.steps`; returns the last metrics record (or {}).
 
-    Raises `Interrupted` after SIGINT/SIGTERM: at the next step boundary the current step is
-    saved, every checkpoint write finishes, and training stops without exporting (an export
+    Raises `Interrupted` after SIGINT/SIGTERM (caught by `stop`, an active `StopRequests`, or
+    by one of its own): before compiling nothing more happens; in the loop the current step is
+    saved, every checkpoint write finishes and training stops without exporting (an export
     already under way finishes first: it is written whole or not at all).
     """
-    with interrupt.StopRequests() as stop:
-        last, step = _train(cfg, resume, quiet, stop)
+    if stop is None:
+        with interrupt.StopRequests() as stop:
+            return train(cfg, resume, quiet, stop)
+    last, step = _train(cfg, resume, quiet, stop)
     if stop.received:
         raise interrupt.Interrupted(stop.received, step)
     return last
@@ -98,28 +102,26 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
         with sharding.activate(mesh):
             jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state,
                                                            abstract_batch, model_config, mesh)
-            start = ckpts.latest_step() if resume else None
-            if resume and start is None and not quiet:
-                print(f"no checkpoint in {ckpts.directory}; starting from step 0", flush=True)
-            if start is not None:
-                if start > cfg.steps:
-                    raise TrainConfigError(f"{cfg.out} is at step {start} already; pass "
-                                           f"--steps {start} or more")
+            step = _start_step(cfg, ckpts, resume, quiet)
+            if stop.received:
+                return {}, step
+            if step:
                 state, data_state = ckpts.restore(
-                    start, abstract_with_shardings(abstract_state, state_sh))
+                    step, abstract_with_shardings(abstract_state, state_sh))
                 packer.restore(data_state)
             else:
-                if ckpts.latest_step() is not None:
-                    raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume "
-                                           "to continue or choose another --out")
                 state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
             if jax.process_index() == 0:
                 cfg.save(cfg.out)
-            log = metrics_lib.MetricsLog(cfg.out, start, quiet)
-            compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
-                                    abstract_with_shardings(abstract_batch, batch_sh)).compile()
-            state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log,
-                                      model_config, start or 0, stop)
+            log = metrics_lib.MetricsLog(cfg.out, step, quiet)
+            last = {}
+            # Checked before the wait for the compilation; a complete run only exports.
+            if not stop.received and step < cfg.steps:
+                compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
+                                        abstract_with_shardings(abstract_batch, batch_sh)
+                                        ).compile()
+                state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log,
+                                          model_config, step, stop)
     finally:
         ckpts.close()
     if cfg.export and not stop.received:
@@ -129,28 +131,50 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
     return last, step
 
 
+def _start_step(cfg: TrainConfig, ckpts: Checkpoints, resume: bool, quiet: bool) -> int:
+    """The newest checkpoint's step when resuming (0 if there is none), else 0 in an `out`
+    that holds no checkpoints."""
+    latest = ckpts.latest_step()
+    if not resume:
+        if latest is not None:
+            raise TrainConfigError(f"{cfg.out} already holds checkpoints; pass --resume to "
+                                   "continue or choose another --out")
+        return 0
+    if latest is None:
+        if not quiet:
+            print(f"no checkpoint in {ckpts.directory}; starting from step 0", flush=True)
+        return 0
+    if latest > cfg.steps:
+        raise TrainConfigError(f"{cfg.out} is at step {latest} already; pass --steps {latest} "
+                               "or more")
+    return latest
+
+
 def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, start, stop):
-    """Steps from `start` to `cfg.steps`, or until `stop.received`; `(state, last, step)`."""
+    """Steps from `start` to `cfg.steps`, or until `stop.received`; `(state, last, step)`.
+
+    The step reached always has a checkpoint: one that stops between checkpoints saves its own.
+    """
     flops = metrics_lib.train_flops_per_token(model_config, cfg.seq_len)
     peak = metrics_lib.peak_flops()
     tokens_per_step = cfg.batch_size * cfg.seq_len
-    last = {}
-    for step in range(start, cfg.steps):
-        if stop.received:
-            return state, last, step
+    last, done, saved = {}, start, start
+    while done < cfg.steps and not stop.received:
         batch = data.micro_batches(packer.rows(cfg.batch_size), cfg.grad_accum)
         began = time.perf_counter()
         state, step_metrics = compiled(state, train_mesh.put_batch(batch, batch_sh))
         step_metrics = jax.device_get(step_metrics)
         seconds = time.perf_counter() - began
-        done = step + 1
+        done += 1
         if done % cfg.log_every == 0 or done == cfg.steps:
             last = metrics_lib.record(done, step_metrics, seconds, tokens_per_step, flops, peak,
                                       jax.device_count())
             log.write(last)
-        # A stop request makes this step's checkpoint due, whatever checkpoint_every says.
-        ckpts.save(done, state, packer.state(), force=done == cfg.steps or bool(stop.received))
-    return state, last, max(start, cfg.steps)
+        if ckpts.save(done, state, packer.state(), force=done == cfg.steps):
+            saved = done
+    if saved != done:
+        ckpts.save(done, state, packer.state(), force=True)
+    return state, last, done
 
 
 def export(master, config: ModelConfig, qat_groups, path: str) -> None:

@@ -1,10 +1,12 @@
-"""Helpers of the training tests: quick-to-compile jit and small random models.
+"""Helpers of the training tests: quick-to-compile jit, small random models, and reading the
+results of `k2jax train` subprocesses.
 
 XLA's CPU backend spends most of a tiny model's compile time in LLVM optimisation; tests
 compile with it off (`FAST_COMPILE`), which changes speed, not results within one test.
 """
 
 import functools
+import json
 
 import flax.linen as nn
 import jax
@@ -31,3 +33,21 @@ def random_master(config, seed: int = 0):
 
 def random_tokens(config, shape, seed: int = 1):
     return jax.random.randint(jax.random.key(seed), shape, 0, config.vocab_size)
+
+
+# Steps of the end-to-end runs (see conftest.py).
+STEPS = 16
+
+
+def finish(proc, timeout=600):
+    """Waits for a `k2jax train` subprocess; asserts it succeeded; returns `(stdout, stderr)`."""
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, (out + err)[-3000:]
+    return out, err
+
+
+def losses(run_dir):
+    """`({step: loss}, records)` of a run's metrics.jsonl."""
+    with open(run_dir / "metrics.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records}, records
