@@ -3,8 +3,10 @@
 `OUT/checkpoints/<step>/` holds two items: `state` (the step counter, float32 master parameters
 and the optimizer state, as sharded arrays) and `data` (the data stream's position and seed,
 JSON). Orbax writes each checkpoint into a temporary directory and renames it when complete, in
-a background thread while training continues; a run killed mid-write leaves only a temporary
-directory, which is ignored and cleaned up, so the latest complete step is what `--resume` reads.
+a background thread while training continues; a run killed (SIGKILL) mid-write leaves only a
+temporary directory, which is ignored and cleaned up, so the latest complete step is what
+`--resume` reads. SIGINT and SIGTERM leave none: the trainer stops between steps, saves, and
+`close` waits for every write (`train.interrupt`).
 The step itself has no randomness: the data seed and position are the run's whole random state.
 """
 

@@ -145,10 +145,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             last = train(cfg, resume=args.resume, quiet=args.quiet, stop=stop)
         except Interrupted as e:
-            saved = (f"checkpoint {e.step} is complete; continue with k2jax train --resume "
-                     f"--out {cfg.out}" if e.step else "no checkpoint yet")
+            saved = f"checkpoint {e.step} is complete" if e.step else "no checkpoint yet"
             print(f"k2jax train: stopped by {signal.Signals(e.signum).name} at step {e.step}: "
-                  f"{saved}", file=sys.stderr, flush=True)
+                  f"{saved}; continue with k2jax train --resume --out {cfg.out}",
+                  file=sys.stderr, flush=True)
             return e.exit_code
     if last and not args.quiet:
         print(f"done: step {last['step']}, loss {last['loss']:.4f}; run in {cfg.out}")

@@ -43,8 +43,9 @@ class TrainConfig:
     of `seq_len` tokens per optimizer step, split into `grad_accum` micro-batches.
     Optimizer: AdamW, or Muon for the linear kernels with AdamW for the rest; linear warmup to
     `learning_rate` then cosine decay to `min_lr_ratio * learning_rate` at step `decay_steps`
-    (None: `steps`; a resumed run keeps its first run's value, so that `--steps` can grow
-    without moving the schedule), constant after it; `grad_clip` the global norm; `qk_clip_threshold` enables K2's QK-clip (MuonClip) at that max attention logit.
+    (None: `steps`; a resumed run keeps its first run's value, so that `steps` can grow
+    without moving the schedule), constant after it; `grad_clip` the global norm;
+    `qk_clip_threshold` enables K2's QK-clip (MuonClip) at that max attention logit.
     QAT: `qat_groups` the linear groups trained with INT4 fake quantization (None: those the
     model config stores as INT4). `trainable` the parameter groups that receive updates.
     MoE: `bias_update_rate` of the aux-loss-free balancing, `aux_loss_coef` of the optional

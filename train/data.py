@@ -15,6 +15,9 @@ attention never crosses segments) and positions restarting at 0. A document that
 continues in the next row as a new piece. Rows are always full: the stream wraps into the next
 epoch, whose document order is a fresh permutation drawn from `(seed, epoch)`.
 
+`JsonlCorpus.validate` encodes every record once before a run starts, so that a bad line is
+reported as `PATH:LINE: what is wrong` in seconds, before anything is compiled or written.
+
 The position in the stream, `(epoch, index, offset)` (document `index` of the epoch's order, pair
 `offset` inside it), is all the state there is; a checkpoint stores it and `Packer` resumes from
 it exactly. Every process packs the same global batch, so the stream does not depend on how

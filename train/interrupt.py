@@ -17,7 +17,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class Interrupted(Exception):
-    """Training stopped on a signal at `step`, which has a complete checkpoint (unless 0)."""
+    """Training stopped on a signal at `step`, which has a complete checkpoint (unless 0);
+    the run directory holds the run's config either way, so `--resume` continues it."""
 
     def __init__(self, signum: int, step: int):
         self.signum, self.step = signum, step

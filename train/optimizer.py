@@ -11,8 +11,9 @@ weight decay by construction. Inside the trainable subtree, optax masks choose:
   both; AdamW for the embedding, lm_head and norm scales.
 
 The schedule is a linear warmup from 0 to `learning_rate` over `warmup_steps`, then a cosine
-decay to `min_lr_ratio * learning_rate` at `cfg.schedule_steps`, constant after; gradients are clipped to `grad_clip` global
-norm (over the trainable leaves) first.
+decay to `min_lr_ratio * learning_rate` at `cfg.schedule_steps` and constant after it (so a
+resumed run with more steps continues at the final rate); gradients are clipped to `grad_clip`
+global norm (over the trainable leaves) first.
 """
 
 from __future__ import annotations

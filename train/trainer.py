@@ -103,6 +103,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
             jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state,
                                                            abstract_batch, model_config, mesh)
             step = _start_step(cfg, ckpts, resume, quiet)
+            if jax.process_index() == 0:
+                cfg.save(cfg.out)  # from here on, even a run stopped at step 0 can resume
             if stop.received:
                 return {}, step
             if step:
@@ -111,8 +113,6 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
                 packer.restore(data_state)
             else:
                 state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
-            if jax.process_index() == 0:
-                cfg.save(cfg.out)
             log = metrics_lib.MetricsLog(cfg.out, step, quiet)
             last = {}
             # Checked before the wait for the compilation; a complete run only exports.

@@ -44,23 +44,35 @@ def _corpus(path):
 
 
 @pytest.fixture(scope="session")
-def runner(tmp_path_factory):
-    """`(root, corpus, start)`: `start(out, *extra, model=...) -> Popen` of `k2jax train`."""
-    root = tmp_path_factory.mktemp("train_run")
-    corpus = _corpus(root / "corpus.jsonl")
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "jit"),
+def k2jax_train(tmp_path_factory):
+    """`(*args) -> Popen` of `k2jax train ARGS`, output piped, one compilation cache."""
+    cache = tmp_path_factory.mktemp("jit")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            # Two devices, and no LLVM optimisation: a tiny model compiles in a fraction of the time.
            "XLA_FLAGS": "--xla_backend_optimization_level=0 "
                         "--xla_force_host_platform_device_count=2"}
 
-    def start(out, *extra, model=("--preset", "tiny"), steps=STEPS):
-        args = [sys.executable, "-m", "k2jax.cli", "train", *model, "--data",
-                str(corpus), "--steps", str(steps), "--seq-len", "32", "--batch-size", "4",
-                "--learning-rate", "3e-3", "--warmup-steps", "2", "--checkpoint-every", "4",
-                "--qat", "routed_experts", "--out", str(out), "--quiet", *extra]
-        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+    def launch(*args):
+        return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "train", *map(str, args)],
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
+
+    return launch
+
+
+@pytest.fixture(scope="session")
+def runner(tmp_path_factory, k2jax_train):
+    """`(root, corpus, start)`: `start(out, *extra, model=..., steps=...) -> Popen` of a run on
+    the corpus (later options in `extra` override the defaults)."""
+    root = tmp_path_factory.mktemp("train_run")
+    corpus = _corpus(root / "corpus.jsonl")
+
+    def start(out, *extra, model=("--preset", "tiny"), steps=STEPS):
+        return k2jax_train(*model, "--data", corpus, "--steps", steps, "--seq-len", 32,
+                           "--batch-size", 4, "--learning-rate", "3e-3", "--warmup-steps", 2,
+                           "--checkpoint-every", 4, "--qat", "routed_experts", "--out", out,
+                           "--quiet", *extra)
 
     return root, corpus, start
 
