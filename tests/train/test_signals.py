@@ -8,6 +8,7 @@ an asynchronous checkpoint is being written (`--checkpoint-every 1` keeps one in
 trials run by default; the slow test runs twelve (K2JAX_SLOW_TESTS=1).
 """
 
+import os
 import random
 import re
 import signal
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from tests.train.common import STEPS, finish, losses
+from train.interrupt import Interrupted, StopRequests
 
 # (signal, checkpoint_every, seed) of the default trials.
 QUICK = [(signal.SIGINT, 1, 0), (signal.SIGTERM, 3, 1)]
@@ -62,6 +64,26 @@ def _trial(runner, k2jax_train, reference, signum, checkpoint_every, seed):
     assert _temporary_dirs(out) == []
     assert losses(out)[0] == reference
     return stopped_at
+
+
+def test_stop_requests_record_the_first_signal_and_restore_the_handlers():
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)  # Python runs handlers between bytecodes of the main thread
+        assert stop.received == signal.SIGTERM
+    assert {s: signal.getsignal(s) for s in before} == before
+    assert [Interrupted(s, 3).exit_code for s in (signal.SIGINT, signal.SIGTERM)] == [130, 143]
+    # A signal the parent told us to ignore (a background job's SIGINT) stays ignored.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests() as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+            assert stop.received is None
+    finally:
+        signal.signal(signal.SIGINT, before[signal.SIGINT])
 
 
 @pytest.mark.parametrize("signum, checkpoint_every, seed", QUICK,
