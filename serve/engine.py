@@ -12,6 +12,13 @@ by the jitted sampler (`_sample`), with static shapes from buckets: rows a power
 `max_batch`, prompt chunks a power of two from 16 up to `prefill_chunk`, page-table width a
 power of two. Sampling options are run-time values, so a stream of requests reuses a handful of
 compiled programs whatever parameters they bring.
+
+Failure isolation: the host-side work done for one request (its sampling row, penalty row,
+appending a token, stop strings, text) runs under `_isolated`; an exception there fails only
+that request: it is dropped like an abort (slots and pages freed) and its exception waits in
+`pop_failures()` for whoever drives the engine. The batch's forward and sampler touch shared
+state (the donated pools), so an exception from them propagates and the engine must not be
+used again.
 """
 
 from __future__ import annotations
@@ -169,6 +176,7 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[int, tuple[list[int], list[Sequence]]] = {}
+        self._failures: dict[int, Exception] = {}
         self.stats = dict.fromkeys(
             ("prefill_tokens", "decode_steps", "generated_tokens", "preemptions"), 0)
 
@@ -210,6 +218,12 @@ class Engine:
                               s.top_logprobs if s.params.logprobs else None) for s in seqs]
         return GenerationResult(request_id, prompt, outputs)
 
+    def pop_failures(self) -> dict[int, Exception]:
+        """Requests that failed since the last call, `{request_id: exception}`; the engine has
+        already dropped them (as `abort` does)."""
+        failures, self._failures = self._failures, {}
+        return failures
+
     def abort(self, request_id: int) -> None:
         """Drops a request (e.g. its client went away): its sequences leave the queue or free
         their slots and pages, and the engine forgets it. Unknown ids are ignored."""
@@ -225,22 +239,41 @@ class Engine:
         """Admit, prefill, decode once, retire. Returns what each completion produced."""
         for seq in self.scheduler.admit():
             if seq.params.uses_penalties:
-                self._init_penalty_row(seq)
+                self._isolated(seq, self._init_penalty_row, seq)
         touched = self._prefill()
         ready = [s for s in self.scheduler.running if s.ready_for_decode]
         self.stats["preemptions"] += len(self.scheduler.reserve_decode_pages(ready))
         touched += self._decode([s for s in ready if s.slot is not None])
         deltas = []
         for seq in dict.fromkeys(touched):
+            if self._failed(seq):
+                continue
             if seq.finish_reason is not None:
                 self.scheduler.release(seq)
-            deltas.append(self._delta(seq))
+            delta = self._isolated(seq, self._delta, seq)
+            if delta is not None:
+                deltas.append(delta)
         return deltas
+
+    def _failed(self, seq: Sequence) -> bool:
+        return seq.request_id in self._failures
+
+    def _isolated(self, seq: Sequence, work, *args):
+        """`work(*args)` for `seq`'s request; if it raises, that request fails (and None is
+        returned) while the rest of the batch goes on."""
+        if self._failed(seq):
+            return None
+        try:
+            return work(*args)
+        except Exception as error:  # noqa: BLE001 - any error is this request's alone
+            self._failures[seq.request_id] = error
+            self.abort(seq.request_id)
+            return None
 
     def _prefill(self) -> list[Sequence]:
         """One call for every sequence with prompt left to cache, a chunk each; samples the
         first token of those whose prompt it completes."""
-        seqs = [s for s in self.scheduler.running if s.needs_prefill]
+        seqs = [s for s in self.scheduler.running if s.needs_prefill and not self._failed(s)]
         if not seqs:
             return []
         todo = [min(len(s.cache_tokens) - s.num_cached, self.prefill_chunk) for s in seqs]
@@ -259,10 +292,11 @@ class Engine:
             if end == len(seq.cache_tokens) and not seq.generated:
                 samplers.append((r, seq))
         self.stats["prefill_tokens"] += sum(todo)
-        out = self._run(seqs, tokens, positions, last, dict(samplers))
+        out, samplers = self._run(seqs, tokens, positions, last, dict(samplers))
         if self.scheduler.prefix_sharing:
             for seq in seqs:  # the prompt pages written so far, shareable from now on
-                self.allocator.register_prefix(seq.prompt[:seq.num_cached], seq.pages)
+                if not self._failed(seq):
+                    self.allocator.register_prefix(seq.prompt[:seq.num_cached], seq.pages)
         return self._record(out, samplers)
 
     def _decode(self, ready: list[Sequence]) -> list[Sequence]:
@@ -276,44 +310,54 @@ class Engine:
             tokens[seq.slot, 0] = seq.generated[-1]
             positions[seq.slot, 0] = seq.num_cached
             by_row[seq.slot] = seq
-        out = self._run([by_row.get(r) for r in range(rows)], tokens, positions,
-                        np.zeros(rows, np.int32), by_row)
+        out, samplers = self._run([by_row.get(r) for r in range(rows)], tokens, positions,
+                                  np.zeros(rows, np.int32), by_row)
         for seq in ready:
             seq.num_cached += 1
         self.stats["decode_steps"] += 1
-        return self._record(out, sorted(by_row.items()))
+        return self._record(out, samplers)
 
     def _run(self, row_seqs, tokens, positions, last, samplers: dict[int, Sequence]):
         """One forward and sample; `row_seqs[r]` owns row r (None: padding),
-        `samplers` the rows whose sample is kept."""
+        `samplers` the rows whose sample is kept. Returns the samples and the `(row, seq)`
+        pairs still sampled: a request whose sampling row fails is dropped, its rows padding."""
         rows = tokens.shape[0]
-        width = bucket(max(len(s.pages) for s in row_seqs if s is not None),
-                       self.max_pages_per_seq, -(-MIN_CONTEXT_BUCKET // self.page_size))
-        table = np.full((rows, width), self.allocator.num_pages, np.int32)
-        slots = np.full(rows, self.max_batch, np.int32)
         pad_floats, pad_ints = sampling.padding_row()
         floats = np.tile(np.asarray(pad_floats, np.float32), (rows, 1))
         ints = np.tile(np.asarray(pad_ints, np.int32), (rows, 1))
+        for r, seq in samplers.items():
+            values = self._isolated(seq, self._sampling_row, seq)
+            if values is not None:
+                floats[r], ints[r] = values
+        samplers = {r: seq for r, seq in samplers.items() if not self._failed(seq)}
+        row_seqs = [None if seq is None or self._failed(seq) else seq for seq in row_seqs]
+        positions[[r for r, seq in enumerate(row_seqs) if seq is None]] = -1
+        width = bucket(max((len(s.pages) for s in row_seqs if s is not None), default=1),
+                       self.max_pages_per_seq, -(-MIN_CONTEXT_BUCKET // self.page_size))
+        table = np.full((rows, width), self.allocator.num_pages, np.int32)
+        slots = np.full(rows, self.max_batch, np.int32)
         for r, seq in enumerate(row_seqs):
             if seq is not None:
                 table[r, :len(seq.pages)] = seq.pages
         for r, seq in samplers.items():
             slots[r] = seq.slot
-            floats[r], ints[r] = sampling.row_values(seq.params, seq.seed, len(seq.generated))
         logits, self.pools = _forward(self.config, self.params, self.pools, tokens, positions,
                                       table, last)
         out, self.penalty = _sample(logits, self.penalty, slots, floats, ints)
-        return jax.device_get(out)
+        return jax.device_get(out), sorted(samplers.items())
+
+    def _sampling_row(self, seq: Sequence):
+        return sampling.row_values(seq.params, seq.seed, len(seq.generated))
 
     def _record(self, out, samplers) -> list[Sequence]:
         for r, seq in samplers:
             top = None
             if seq.params.logprobs:
                 top = dict(zip(out.top_ids[r].tolist(), out.top_logprobs[r].tolist()))
-            seq.append(int(out.tokens[r]), float(out.logprobs[r]), top, self.detokenize,
-                       self.max_seq_len)
+            self._isolated(seq, seq.append, int(out.tokens[r]), float(out.logprobs[r]), top,
+                           self.detokenize, self.max_seq_len)
             self.stats["generated_tokens"] += 1
-        return [seq for _, seq in samplers]
+        return [seq for _, seq in samplers if not self._failed(seq)]
 
     def _init_penalty_row(self, seq: Sequence) -> None:
         vocab = self.config.vocab_size

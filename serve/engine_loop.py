@@ -8,13 +8,19 @@ on the event loop only ever await their queue.
 
 What a queue receives, in order: lists of `StreamDelta` (one list per engine step that touched
 the request), then either the finished `GenerationResult` or an exception.
+
+Failures are kept as small as the engine allows: a request the engine refuses (ValueError) or
+fails on its own (`Engine.pop_failures`) gets its exception and nothing else changes. An
+exception from `step()` itself leaves the engine's shared state unknown: every request in
+flight gets `EngineFailure`, the loop ends and calls `on_failure`, with which `k2jax serve`
+exits non-zero so that a supervisor restarts it instead of a server that answers 503 forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from serve.engine import Engine, GenerationResult, StreamDelta
 from serve.sampling import SamplingParams
@@ -22,6 +28,10 @@ from serve.sampling import SamplingParams
 
 class EngineFailure(RuntimeError):
     """The engine raised while stepping; every request in flight gets this."""
+
+
+class RequestFailure(RuntimeError):
+    """The engine failed on one request (the others went on); that request's stream gets it."""
 
 
 class RequestStream:
@@ -60,11 +70,15 @@ class EngineLoop:
 
     Args:
       engine: the `Engine` (or anything with its `add_request`, `step`, `has_unfinished`,
-        `is_finished`, `pop_result` and `abort`).
+        `is_finished`, `pop_result`, `pop_failures` and `abort`).
+      on_failure: called from the engine thread with the exception when `step()` raises,
+        after every request in flight has been told.
     """
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine,
+                 on_failure: Callable[[BaseException], None] | None = None):
         self.engine = engine
+        self.on_failure = on_failure
         self.failure: BaseException | None = None
         self._commands: list[tuple[str, RequestStream]] = []
         self._active: dict[int, RequestStream] = {}
@@ -135,6 +149,8 @@ class EngineLoop:
         for stream in [*self._active.values(), *pending]:
             stream._put(reason)
         self._active.clear()
+        if self.failure is not None and self.on_failure is not None:
+            self.on_failure(self.failure)
 
     def _apply(self, kind: str, stream: RequestStream) -> None:
         if kind == "add":
@@ -142,6 +158,9 @@ class EngineLoop:
                 stream.engine_id = self.engine.add_request(stream.prompt_ids, stream.params)
             except ValueError as e:
                 stream._put(e)
+                return
+            except Exception as e:  # noqa: BLE001 - nothing was added: only this request fails
+                stream._put(RequestFailure(f"the engine could not admit this request: {e!r}"))
                 return
             self._active[stream.engine_id] = stream
         elif self._active.pop(stream.engine_id, None) is not None:
@@ -151,6 +170,10 @@ class EngineLoop:
         by_request: dict[int, list[StreamDelta]] = {}
         for delta in self.engine.step():
             by_request.setdefault(delta.request_id, []).append(delta)
+        for request_id, error in self.engine.pop_failures().items():
+            stream = self._active.pop(request_id, None)
+            if stream is not None:
+                stream._put(RequestFailure(f"the engine failed on this request: {error!r}"))
         for request_id, deltas in by_request.items():
             stream = self._active.get(request_id)
             if stream is None:

@@ -106,6 +106,8 @@ def run_engine(engine: Engine, prompts: list[list[int]],
         engine.add_request(prompt, p)
     while engine.has_unfinished():
         yield from engine.step()
+        for error in engine.pop_failures().values():
+            raise error
 
 
 def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=None,

@@ -16,14 +16,21 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
+                      model_validator)
 
 from serve.sampling import SamplingParams
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 1024
+MAX_STOP_TOKEN_IDS = 64
+MAX_PROMPTS = 256
+# Counts, lengths and seeds travel to the engine in int32 arrays.
+INT32_MAX = 2**31 - 1
+MAX_REPETITION_PENALTY = 100.0
 
 
 class ProtocolError(Exception):
@@ -41,13 +48,19 @@ class ProtocolError(Exception):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    # JSON's NaN and 1e999 (inf) parse as floats; no sampling parameter means anything with them.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data):
         # Many clients send `"stop": null` for parameters they leave unset.
         return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+# The vocabulary bound is the model's, checked by the server; this one keeps ids in int32.
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 class StreamOptions(_Strict):
@@ -64,11 +77,11 @@ class _SamplingRequest(_Strict):
     """Fields shared by chat and text completions."""
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = Field(None, max_length=MAX_STOP_STRINGS)
+    stop: StopString | list[StopString] | None = Field(None, max_length=MAX_STOP_STRINGS)
     seed: int | None = Field(None, ge=0, lt=2**31)
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
@@ -76,28 +89,50 @@ class _SamplingRequest(_Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None  # the caller's end-user id: accepted, changes nothing
     # vLLM's extensions
-    top_k: int = Field(0, ge=-1)
+    top_k: int = Field(0, ge=-1, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
-    stop_token_ids: list[int] | None = None
+    repetition_penalty: float = Field(1.0, gt=0, le=MAX_REPETITION_PENALTY)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
 
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: Literal["auto"] | None = None
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     heavy: HeavyOptions | None = None
     logprobs: Literal[False] = False  # clients that send `false` explicitly still work
 
 
+def _prompt_kind(value) -> str | None:
+    """Which form of prompt `value` is, told by its first element, so that an error speaks of
+    that form alone (`[2147483648]` is a token id out of range, not "not a string")."""
+    if isinstance(value, str):
+        return "text"
+    if not isinstance(value, list):
+        return None
+    first = value[0] if value else 0
+    return {str: "texts", list: "id_lists"}.get(type(first), "ids")
+
+
+Prompt = Annotated[
+    Annotated[str, Tag("text")]
+    | Annotated[list[TokenId], Tag("ids")]
+    | Annotated[list[str], Field(max_length=MAX_PROMPTS), Tag("texts")]
+    | Annotated[list[list[TokenId]], Field(max_length=MAX_PROMPTS), Tag("id_lists")],
+    Discriminator(_prompt_kind, custom_error_type="prompt_type",
+                  custom_error_message="Input should be a string, a list of token ids, a list "
+                  "of strings or a list of token id lists")]
+
+
 class CompletionRequest(_SamplingRequest):
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: Prompt
     echo: Literal[False] = False
-    max_tokens: int | None = Field(16, ge=1)  # OpenAI's default for text completions
+    max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default
 
 
-_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict"}
+_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "text", "ids", "texts",
+                      "id_lists"}
 
 
 def _error_path(loc) -> str:
@@ -111,22 +146,36 @@ def _error_path(loc) -> str:
 
 
 def parse_request(body: bytes, model_cls: type[_Strict]):
-    """Validates a JSON body into `model_cls`; raises a 400 `ProtocolError` naming the field."""
-    try:
-        json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(400, f"request body is not valid JSON: {e}") from None
+    """Validates a JSON body into `model_cls`; raises a 400 `ProtocolError` naming the field.
+
+    Whatever the bytes, the outcome is the request or a `ProtocolError`: pydantic's JSON
+    parser bounds nesting depth (no RecursionError) and refuses invalid UTF-8 and lone
+    surrogates, which could not be encoded later.
+    """
     try:
         return model_cls.model_validate_json(body)
     except ValidationError as e:
-        errors = e.errors()
-        path = _error_path(errors[0]["loc"])
-        if errors[0]["type"] == "extra_forbidden":
+        errors = e.errors(include_input=False, include_url=False)
+        first = errors[0]
+        if first["type"] == "json_invalid":
+            detail = first["ctx"]["error"] if "ctx" in first else first["msg"]
+            if "recursion limit" in detail:
+                detail = f"nested too deeply ({detail})"
+            raise ProtocolError(400, f"request body is not valid JSON: {detail}") from None
+        path = _error_path(first["loc"])
+        if first["type"] == "extra_forbidden":
             raise ProtocolError(400, f"unsupported parameter {path!r}", path) from None
-        if not errors[0]["loc"]:
+        if not first["loc"]:
             raise ProtocolError(400, "request body must be a JSON object") from None
-        # A union field fails once per member: say what each member wanted.
-        wanted = dict.fromkeys(err["msg"] for err in errors if _error_path(err["loc"]) == path)
+        # A union field fails once per member. The member that got furthest into the value
+        # is the one meant (`"stop": [""]` is a list with an empty string, not "not a
+        # string"); among equals, say what each wanted.
+        field = first["loc"][0]
+        same_field = [err for err in errors if err["loc"][:1] == (field,)]
+        deepest = max(len(_error_path(err["loc"])) for err in same_field)
+        chosen = [err for err in same_field if len(_error_path(err["loc"])) == deepest]
+        path = _error_path(chosen[0]["loc"])
+        wanted = dict.fromkeys(err["msg"] for err in chosen if _error_path(err["loc"]) == path)
         raise ProtocolError(400, f"{path}: {' or '.join(wanted)}", path) from None
 
 

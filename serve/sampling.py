@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs
+INT32_MAX = 2**31 - 1  # integer parameters travel to the sampler in int32 arrays
 
 _ALIASES = {"max_tokens": "max_new_tokens"}
 
@@ -68,15 +69,15 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
-        need(isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
-             f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        need(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= INT32_MAX,
+             f"max_new_tokens must be an integer in [1, 2**31), got {self.max_new_tokens!r}")
         need(self.temperature >= 0 and math.isfinite(self.temperature),
              f"temperature must be >= 0, got {self.temperature}")
         need(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
-        need(isinstance(self.top_k, int) and self.top_k >= -1,
-             f"top_k must be an integer >= -1 (0 or -1 disable it), got {self.top_k!r}")
+        need(isinstance(self.top_k, int) and -1 <= self.top_k <= INT32_MAX,
+             f"top_k must be an integer in [-1, 2**31) (0 or -1 disable it), got {self.top_k!r}")
         need(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
-        need(self.repetition_penalty > 0,
+        need(self.repetition_penalty > 0 and math.isfinite(self.repetition_penalty),
              f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         need(-2 <= self.presence_penalty <= 2,
              f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
@@ -84,6 +85,8 @@ class SamplingParams:
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
         need(isinstance(self.n, int) and self.n >= 1,
              f"n must be a positive integer, got {self.n!r}")
+        need(all(0 <= t <= INT32_MAX for t in self.stop_token_ids),
+             f"stop_token_ids must be in [0, 2**31), got {self.stop_token_ids!r}")
         need(all(isinstance(s, str) and s for s in self.stop),
              f"stop must be non-empty strings, got {self.stop!r}")
         need(self.seed is None or (isinstance(self.seed, int) and 0 <= self.seed < 2**31),

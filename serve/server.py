@@ -12,9 +12,17 @@ Each handler validates its request (`serve.openai_protocol`), submits token ids 
 `tool_calls`; text completions encode text as ordinary tokens (never control tokens) or take
 token ids. Streams are OpenAI chunks over server-sent events ending in `data: [DONE]`; a client
 that disconnects, streaming or not, has its request removed from the engine at once.
-Errors are OpenAI's error JSON: 400 for a bad request (naming the field), 401 for a missing or
-wrong API key, 404 for an unknown model, 413 for a prompt or body over the limits, 503 once
-the engine has failed.
+Errors are OpenAI's error JSON, whatever the route: 400 for a bad request (naming the field),
+401 for a missing or wrong API key, 404 for an unknown model or route, 405 for a wrong method,
+413 for a prompt or body over the limits, 500 when the engine failed on that one request (the
+others go on), 503 once the engine itself has failed.
+
+Hostile input: the body is read up to `max_body_bytes` and no further; parsing cannot raise
+anything but a 400 (`openai_protocol.parse_request`); every numeric field is bounded there to
+what the engine's int32/float32 arrays and the model can hold; a prompt that cannot fit is
+refused from its length in characters before it is tokenized (a token spans at most
+`max_token_bytes` characters), and parsing and tokenizing run in a worker thread, so a large
+request never stalls the event loop that serves everyone else.
 
 Request options (anything else is a 400 naming it):
   both endpoints  model, max_tokens, temperature [0, 2], top_p, n [1, 16], stop, seed,
@@ -30,20 +38,23 @@ and every generated token, the stop token included.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
+import logging
 import socket
 import threading
 import time
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from serve import chat, heavy, openai_protocol as proto
 from serve.chat_stream import ChatChoices, FinalRequest, run_to_end
-from serve.engine_loop import EngineFailure, EngineLoop
+from serve.engine_loop import EngineFailure, EngineLoop, RequestFailure
 from serve.http_streams import EventStream, merge_streams, unless_disconnected
 from serve.openai_protocol import ProtocolError
 
@@ -86,6 +97,27 @@ def _engine_failure(request: Request, error: EngineFailure) -> JSONResponse:
     return JSONResponse(body, status_code=503)
 
 
+def _request_failure(request: Request, error: RequestFailure) -> JSONResponse:
+    body = ProtocolError(500, str(error), kind="server_error").to_json()
+    return JSONResponse(body, status_code=500)
+
+
+def _http_error(request: Request, error: HTTPException) -> JSONResponse:
+    # Starlette's own 404 (no such route) and 405 (wrong method), in OpenAI's shape.
+    message = {404: f"no route {request.url.path!r}",
+               405: f"{request.method} is not allowed on {request.url.path!r}"}.get(
+                   error.status_code, error.detail)
+    return JSONResponse(ProtocolError(error.status_code, message).to_json(),
+                        status_code=error.status_code, headers=error.headers)
+
+
+def _internal_error(request: Request, error: Exception) -> JSONResponse:
+    logging.getLogger(__name__).exception("unhandled error in %s", request.url.path)
+    body = ProtocolError(500, f"internal error: {type(error).__name__}",
+                         kind="server_error").to_json()
+    return JSONResponse(body, status_code=500)
+
+
 def _error_event(error: Exception) -> bytes:
     if not isinstance(error, ProtocolError):
         error = ProtocolError(500, str(error), kind="server_error")
@@ -116,7 +148,8 @@ class OpenAIServer:
                   Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
                   Route("/v1/completions", self.completions, methods=["POST"])]
         handlers = {ProtocolError: _error_response, EngineFailure: _engine_failure,
-                    ValueError: _rejected_by_engine}
+                    RequestFailure: _request_failure, ValueError: _rejected_by_engine,
+                    HTTPException: _http_error, Exception: _internal_error}
         return Starlette(routes=routes, exception_handlers=handlers)
 
     # ---- endpoints --------------------------------------------------------------------------
@@ -131,16 +164,8 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        req = proto.parse_request(await self._body(request), proto.ChatCompletionRequest)
-        self._check_model(req.model)
-        prompt = self._render(req.messages, req.tools)
-        self._check_prompt(len(prompt.token_ids))
-        reserved = 0
-        if req.heavy is not None:
-            # The aggregation prompt holds the conversation, every candidate and instructions.
-            empty = [{"content": None}] * req.heavy.n
-            reserved = len(self._render(heavy.aggregation_messages(req.messages, empty),
-                                        req.tools).token_ids) - len(prompt.token_ids)
+        req, prompt, reserved = await asyncio.to_thread(self._parse_chat,
+                                                        await self._body(request))
         max_new = self._max_new_tokens(req, len(prompt.token_ids), reserved,
                                        req.heavy.n + 1 if req.heavy else 1)
         params = proto.sampling_params(req, max_new, stop_token_ids=self.tokenizer.stop_ids)
@@ -153,11 +178,7 @@ class OpenAIServer:
 
     async def completions(self, request: Request):
         self._authorize(request)
-        req = proto.parse_request(await self._body(request), proto.CompletionRequest)
-        self._check_model(req.model)
-        prompts = self._completion_prompts(req.prompt)
-        for prompt in prompts:
-            self._check_prompt(len(prompt))
+        req, prompts = await asyncio.to_thread(self._parse_completion, await self._body(request))
         max_new = min(self._max_new_tokens(req, len(p)) for p in prompts)
         params = proto.sampling_params(req, max_new)
         header = proto.ResponseHeader("cmpl", self.model_name)
@@ -166,6 +187,32 @@ class OpenAIServer:
             return EventStream(self._completion_events(header, prompts, params, include_usage))
         return await unless_disconnected(request,
                                          self._completion_response(header, prompts, params))
+
+    # ---- parsing (in a worker thread) -------------------------------------------------------
+    def _parse_chat(self, body: bytes):
+        """`(request, prompt, reserved)`: `reserved` more prompt tokens heavy mode needs."""
+        req = proto.parse_request(body, proto.ChatCompletionRequest)
+        self._check_model(req.model)
+        self._check_stop_ids(req)
+        self._check_text_fits(_message_chars(req.messages))
+        prompt = self._render(req.messages, req.tools)
+        self._check_prompt(len(prompt.token_ids))
+        reserved = 0
+        if req.heavy is not None:
+            # The aggregation prompt holds the conversation, every candidate and instructions.
+            empty = [{"content": None}] * req.heavy.n
+            reserved = len(self._render(heavy.aggregation_messages(req.messages, empty),
+                                        req.tools).token_ids) - len(prompt.token_ids)
+        return req, prompt, reserved
+
+    def _parse_completion(self, body: bytes):
+        req = proto.parse_request(body, proto.CompletionRequest)
+        self._check_model(req.model)
+        self._check_stop_ids(req)
+        prompts = self._completion_prompts(req.prompt)
+        for prompt in prompts:
+            self._check_prompt(len(prompt))
+        return req, prompts
 
     # ---- chat -------------------------------------------------------------------------------
     async def _prepare(self, req, final: FinalRequest) -> FinalRequest:
@@ -215,7 +262,7 @@ class OpenAIServer:
                     self.loop.cancel(stream)
             if include_usage:
                 yield proto.sse(header.chat_usage_chunk(final.usage(choices.completion_tokens)))
-        except (ProtocolError, EngineFailure, ValueError) as e:
+        except (ProtocolError, EngineFailure, RequestFailure, ValueError) as e:
             yield _error_event(e)
         yield proto.sse("[DONE]")
 
@@ -249,7 +296,7 @@ class OpenAIServer:
             if include_usage:
                 usage = proto.usage(sum(map(len, prompts)), completion_tokens)
                 yield proto.sse(header.completion_usage_chunk(usage))
-        except (EngineFailure, ValueError) as e:
+        except (EngineFailure, RequestFailure, ValueError) as e:
             yield _error_event(e)
         finally:
             for stream in streams:
@@ -268,14 +315,19 @@ class OpenAIServer:
                                 code="invalid_api_key")
 
     async def _body(self, request: Request) -> bytes:
+        """The body, read no further than the limit (a chunked body declares no length)."""
         limit = self.limits.max_body_bytes
+        too_large = ProtocolError(413, f"request body over {limit} bytes", code="body_too_large")
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
-            raise ProtocolError(413, f"request body over {limit} bytes", code="body_too_large")
-        body = await request.body()
-        if len(body) > limit:
-            raise ProtocolError(413, f"request body over {limit} bytes", code="body_too_large")
-        return body
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     def _check_model(self, model: str) -> None:
         if model != self.model_name:
@@ -287,6 +339,20 @@ class OpenAIServer:
             return chat.render(self.tokenizer, messages, tools)
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(400, str(e).strip("'\""), "messages") from None
+
+    def _check_stop_ids(self, req) -> None:
+        for token_id in req.stop_token_ids or ():
+            if token_id >= self.vocab_size:
+                raise ProtocolError(400, f"stop_token_ids: token ids must be in "
+                                    f"[0, {self.vocab_size})", "stop_token_ids")
+
+    def _check_text_fits(self, chars: int) -> None:
+        """Refuses text that no tokenization could fit in the prompt limit, untokenized."""
+        fewest_tokens = -(-chars // self.tokenizer.max_token_bytes)
+        if fewest_tokens > self.limits.max_prompt_tokens:
+            raise ProtocolError(413, f"the prompt has at least {fewest_tokens} tokens, more "
+                                f"than this server's limit of {self.limits.max_prompt_tokens}",
+                                code="prompt_too_long")
 
     def _check_prompt(self, prompt_tokens: int) -> None:
         if prompt_tokens == 0:
@@ -302,6 +368,9 @@ class OpenAIServer:
             prompt = [prompt]
         if not prompt:
             raise ProtocolError(400, "prompt: no prompts given", "prompt")
+        for p in prompt:
+            if isinstance(p, str):
+                self._check_text_fits(len(p))
         ids = [self.tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
         for i, p in enumerate(ids):
             if any(not 0 <= t < self.vocab_size for t in p):
@@ -316,8 +385,9 @@ class OpenAIServer:
         candidate, then the answer)."""
         room = (self.limits.max_seq_len - prompt_tokens - reserved) // outputs
         requested = proto.requested_max_tokens(req)
-        if requested is None:
-            requested = min(self.limits.max_tokens, room)
+        if requested is None or not {"max_tokens", "max_completion_tokens"} & req.model_fields_set:
+            # Unset (or completions' default of 16): as much as the limits and context allow.
+            requested = min(requested or self.limits.max_tokens, self.limits.max_tokens, room)
         elif requested > self.limits.max_tokens:
             raise ProtocolError(400, f"max_tokens: at most {self.limits.max_tokens} on this "
                                 f"server, got {requested}", "max_tokens")
@@ -329,6 +399,19 @@ class OpenAIServer:
                                 f"{held} leave room for {max(room, 0)} output tokens{per}, "
                                 f"{requested} requested", "max_tokens", "context_length_exceeded")
         return requested
+
+
+def _message_chars(messages) -> int:
+    """Characters of the messages' `content` text, which the template renders verbatim."""
+    chars = 0
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            chars += sum(len(part["text"]) for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
+    return chars
 
 
 class BackgroundServer:

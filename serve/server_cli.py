@@ -129,13 +129,16 @@ def preset_for_tokenizer(config, tokenizer):
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
+    import socket
 
     from serve import chat
     from serve.engine import Engine
-    from serve.engine_loop import EngineLoop
-    from serve.server import OpenAIServer, ServerLimits
+    from serve.server import ServerLimits
 
+    try:  # before loading a model for minutes: a busy port is found at once
+        listener = socket.create_server((args.host, args.port))
+    except OSError as e:
+        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
     config, params, tokenizer, model_name = load_model_and_tokenizer(args)
     engine = Engine(config, params, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     detokenize=chat.detokenizer(tokenizer))
@@ -143,14 +146,35 @@ def run(args: argparse.Namespace) -> int:
     limits = ServerLimits(max_seq_len=context,
                           max_prompt_tokens=args.max_prompt_tokens or context - 1,
                           max_tokens=args.max_tokens or context - 1)
-    loop = EngineLoop(engine).start()
-    app = OpenAIServer(loop, tokenizer, model_name=model_name, limits=limits,
-                       api_key=args.api_key).app()
     print(f"serving {model_name!r} on http://{args.host}:{args.port}/v1 (context {context}, "
           f"max batch {args.max_batch}{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)
+    return serve_engine(engine, tokenizer, listener, model_name=model_name, limits=limits,
+                        api_key=args.api_key, log_level=args.log_level)
+
+
+def serve_engine(engine, tokenizer, listener, *, model_name: str, limits, api_key=None,
+                 log_level: str = "info") -> int:
+    """Serves `engine` on the bound socket `listener` until interrupted (0) or until the
+    engine fails (1: the requests in flight get an error, then the server shuts down, so that
+    a supervisor restarts the process)."""
+    import uvicorn
+
+    from serve.engine_loop import EngineLoop
+    from serve.server import OpenAIServer
+
+    def engine_failed(error: BaseException) -> None:  # requests fail only while it serves
+        print(f"error: the engine failed, shutting down: {error!r}", file=sys.stderr,
+              flush=True)
+        server.should_exit = True
+
+    loop = EngineLoop(engine, on_failure=engine_failed).start()
+    app = OpenAIServer(loop, tokenizer, model_name=model_name, limits=limits,
+                       api_key=api_key).app()
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        server.run(sockets=[listener])
     finally:
         loop.stop()
-    return 0
+        listener.close()
+    return 1 if loop.failure is not None else 0

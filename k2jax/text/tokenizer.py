@@ -97,6 +97,11 @@ class K2Tokenizer:
         self.pad_id = self.special_tokens[st.PAD]
         self.unk_id = self.special_tokens[st.UNK]
         self.stop_ids = (self.im_end_id, self.eos_id)
+        # The most bytes (so characters) one token covers: a bound that lets a server refuse
+        # text too long for its prompt limit without tokenizing it.
+        self.max_token_bytes = max(
+            max(map(len, mergeable_ranks), default=1),
+            max((len(t.encode()) for t in self.special_tokens), default=1))
         self._skipped_ids = frozenset(
             token_id for text, token_id in self.special_tokens.items()
             if text not in st.KEPT_WHEN_SKIPPING_SPECIALS)

@@ -67,6 +67,9 @@ class ScriptedEngine:
             Completion(s["index"], s["generated"], self.detokenize(s["generated"]), s["finish"])
             for s in seqs])
 
+    def pop_failures(self) -> dict[int, Exception]:
+        return {}  # scripted outputs cannot fail one request alone
+
     def abort(self, request_id: int) -> None:
         with self.lock:
             self.aborted.append(request_id)

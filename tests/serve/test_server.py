@@ -21,23 +21,13 @@ from serve import chat
 from serve.engine import Engine
 from serve.engine_loop import EngineLoop
 from serve.server import BackgroundServer, OpenAIServer, ServerLimits
-from serve.server_cli import preset_for_tokenizer, random_params
+from serve.server_cli import preset_for_tokenizer
 
 API_KEY = "sk-tiny"
 MODEL = "k2jax-tiny"
 ENGINE_OPTIONS = dict(max_batch=2, max_seq_len=128, prefill_chunk=16)
 SHORT_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
 FINISH_REASONS = {"stop", "length", "tool_calls"}
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from k2jax.text.testing import tiny_tokenizer
-
-    config = k2jax.ModelConfig.preset("tiny")
-    tokenizer = tiny_tokenizer(config.vocab_size)
-    config = preset_for_tokenizer(config, tokenizer)
-    return config, random_params(config), tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -236,20 +226,43 @@ def test_serve_cli_builds_the_server(monkeypatch, capsys):
     import uvicorn
 
     seen = {}
+    original_run = uvicorn.Server.run
 
-    def serve_once(app, host, port, log_level):  # stands in for uvicorn's blocking run
-        with BackgroundServer(app) as server:
+    def serve_once(server, sockets):  # runs the real server, asks it once, then stops it
+        seen["address"] = sockets[0].getsockname()[:2]
+        url = "http://%s:%d" % seen["address"]
+        thread = threading.Thread(target=original_run, args=(server,),
+                                  kwargs=dict(sockets=sockets))
+        thread.start()
+        try:
+            for _ in range(200):
+                if server.started:
+                    break
+                time.sleep(0.05)
             headers = {"Authorization": "Bearer k"}
-            seen["models"] = httpx2.get(server.url + "/v1/models", headers=headers).json()
-            seen["anonymous"] = httpx2.get(server.url + "/v1/models").status_code
-        seen["address"] = (host, port)
+            seen["models"] = httpx2.get(url + "/v1/models", headers=headers).json()
+            seen["anonymous"] = httpx2.get(url + "/v1/models").status_code
+        finally:
+            server.should_exit = True
+            thread.join(timeout=30)
 
-    monkeypatch.setattr(uvicorn, "run", serve_once)
+    monkeypatch.setattr(uvicorn.Server, "run", serve_once)
     monkeypatch.setenv("K2JAX_API_KEY", "k")
-    assert k2jax_main(["serve", "--preset", "tiny", "--port", "8123", "--max-batch", "2"]) == 0
+    assert k2jax_main(["serve", "--preset", "tiny", "--port", "0", "--max-batch", "2"]) == 0
     assert seen["models"]["data"][0]["id"] == MODEL and seen["anonymous"] == 401
-    assert seen["address"] == ("127.0.0.1", 8123)
+    assert seen["address"][0] == "127.0.0.1"
     assert "test tokenizer" in capsys.readouterr().err
+
+
+def test_serve_cli_refuses_a_busy_port_before_loading(capsys):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert k2jax_main(["serve", "--preset", "tiny", "--port", str(port)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("k2jax serve: error: cannot listen on 127.0.0.1:%d" % port)
+    assert "\n" not in error
 
 
 def test_serve_cli_errors_are_one_line(capsys):
