@@ -155,6 +155,11 @@ class Engine:
         # layer, which XLA reads where it lies instead of slicing it out of a stacked array.
         self.params = jax.tree.map(jnp.asarray, k2jax.to_serving_layout(params))
         self.max_batch = max_batch
+        if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
+            # Positions past the model's context have no trained rotary range: refuse, do not
+            # generate quietly degraded text.
+            raise ValueError(f"max_seq_len={max_seq_len} is beyond the model's context "
+                             f"(max_position_embeddings={config.max_position_embeddings})")
         self.max_seq_len = max_seq_len or min(config.max_position_embeddings, 4096)
         self.page_size = page_size
         self.prefill_chunk = prefill_chunk

@@ -268,5 +268,8 @@ def test_serve_cli_refuses_a_busy_port_before_loading(capsys):
 def test_serve_cli_errors_are_one_line(capsys):
     assert k2jax_main(["serve", "--checkpoint", "/nonexistent"]) == 2
     assert k2jax_main(["serve", "--preset", "tiny", "--tokenizer", "/nonexistent/x"]) == 2
+    assert k2jax_main(["serve", "--preset", "tiny", "--port", "0", "--max-seq-len", "16777216"]) == 2
     errors = capsys.readouterr().err.strip().splitlines()
-    assert len(errors) == 2 and all(e.startswith("k2jax serve: error:") for e in errors)
+    errors = [e for e in errors if not e.startswith("note:")]
+    assert len(errors) == 3 and all(e.startswith("k2jax serve: error:") for e in errors), errors
+    assert "max_seq_len=16777216 is beyond the model's context" in errors[2]
