@@ -2,13 +2,19 @@
 
 Parses arguments and calls `convert_to_orbax` or `convert_to_hf`; input errors (bad
 directories, invalid or incomplete checkpoints) print one line and exit with status 2.
+SIGINT and SIGTERM print one line and exit 130 / 143 (128 + the signal, as a shell reports a
+process the signal killed): every step of a conversion is safe to stop at, so rerunning the
+command resumes it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import re
+import signal
 import sys
+import threading
 
 EXAMPLE = """\
 example (tiny config on a CPU, seconds):
@@ -49,7 +55,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+class Interrupted(Exception):
+    """The conversion was stopped by signal `signum`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """While active, SIGINT and SIGTERM raise `Interrupted` in the main thread (unwinding
+    through the thread pool and open files as any error does). A signal the parent process
+    ignores (a background job's SIGINT) stays ignored; off the main thread, nothing changes."""
+    def interrupt(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                previous[signum] = signal.signal(signum, interrupt)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def run(args: argparse.Namespace) -> int:
+    try:
+        with signals_interrupt():
+            return _convert(args)
+    except Interrupted as e:
+        again = "resume" if args.to == "orbax" else "export again"
+        print(f"k2jax convert: interrupted; rerun the same command to {again}", file=sys.stderr)
+        return 128 + e.signum
+
+
+def _convert(args: argparse.Namespace) -> int:
     from convert.reader import ConversionError
     from k2jax.checkpoint import CheckpointError
     from k2jax.config import ConfigError

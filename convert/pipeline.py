@@ -23,12 +23,18 @@ def ordered_map(pool: concurrent.futures.Executor, fn: Callable[[T], R], items: 
                 window: int = 2 * WORKERS) -> Iterator[R]:
     """`map(fn, items)` on `pool`, yielding in order, with at most `window` calls pending."""
     pending: collections.deque = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, item))
-        if len(pending) >= window:
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
             yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+    finally:
+        # A consumer that stopped early (an error, Ctrl-C) wants no more: the pool's shutdown
+        # then waits only for the calls already running.
+        for future in pending:
+            future.cancel()
 
 
 def thread_pool() -> concurrent.futures.ThreadPoolExecutor:

@@ -8,8 +8,15 @@ Tensors are read slice by slice from the Orbax arrays (`convert.store.open_for_r
 at a time on a thread pool, and appended in order to the open shard, whose header is computed
 up front from the shapes alone, so memory stays near a few tensors. A bf16/f32 leaf is written
 in its own dtype, an INT4 leaf as `weight_packed`/`weight_scale`/`weight_shape`: converting a
-hub checkpoint in and back out reproduces every tensor byte for byte. The directory is
-assembled in `OUT.partial` and renamed when complete; an interrupted export starts over.
+hub checkpoint in and back out reproduces every tensor byte for byte. The checkpoint's bundled
+files (tokenizer, chat template, generation config, custom code: `convert.bundled_files`) are
+copied unchanged. The directory is assembled in `OUT.partial` and renamed when complete; an
+interrupted export starts over.
+
+`config.json` must load in transformers. It knows `deepseek_v3` but not `kimi_k2`, which Moonshot
+ships with custom code: an `auto_map` stored with the checkpoint is exported (model type kept)
+when every file it names is bundled; otherwise the export says `model_type: deepseek_v3`,
+the same architecture under the name transformers implements.
 """
 
 from __future__ import annotations
@@ -23,15 +30,18 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from convert import hf_layout, store
+from convert import bundled_files, hf_layout, store
 from convert.pipeline import ordered_map, thread_pool
 from convert.reader import DTYPES, INDEX_FILE, ConversionError
 from k2jax import quant
 from k2jax.api import param_shapes
-from k2jax.checkpoint import PARAMS_DIR, check_stored_tree, read_config, write_json_atomic
+from k2jax.checkpoint import (CONFIG_FILE, PARAMS_DIR, check_stored_tree, read_config,
+                              write_json_atomic)
 from k2jax.config import ModelConfig
 
 DEFAULT_SHARD_BYTES = 5 * 10**9
+# Model types transformers implements itself (`AutoConfig` needs no remote code for them).
+TRANSFORMERS_MODEL_TYPES = ("deepseek_v3",)
 
 # compressed-tensors `ignore` entry that keeps each linear group out of INT4, in the order
 # K2 Thinking's config.json lists them.
@@ -60,12 +70,27 @@ def quantization_config(config: ModelConfig) -> dict | None:
     }
 
 
-def hub_config(config: ModelConfig) -> dict:
+def hub_config(config: ModelConfig, auto_map: dict | None = None) -> dict:
+    """The export's config.json; `auto_map`: the custom code it ships with, if any."""
     out = config.to_hf()
+    if auto_map:
+        out["auto_map"] = auto_map
+    elif config.model_type not in TRANSFORMERS_MODEL_TYPES:
+        out["model_type"] = "deepseek_v3"
     qc = quantization_config(config)
     if qc:
         out["quantization_config"] = qc
     return out
+
+
+def shipped_auto_map(ckpt_dir: str) -> dict | None:
+    """The checkpoint's stored `auto_map` if every code file it names is bundled, else None."""
+    with open(os.path.join(ckpt_dir, CONFIG_FILE)) as f:
+        auto_map = json.load(f).get("auto_map")
+    if not auto_map:
+        return None
+    present = set(bundled_files.bundled_files(ckpt_dir))
+    return auto_map if bundled_files.code_files(auto_map) <= present else None
 
 
 def _shards(units, max_bytes: int) -> list[list[hf_layout.Item]]:
@@ -113,8 +138,9 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = DEFAULT_SHARD_BYT
     out = os.path.abspath(os.fspath(out_dir))
     if os.path.exists(out):
         raise ConversionError(f"{out} already exists")
+    ckpt_dir = os.path.abspath(os.fspath(ckpt_dir))
     config = read_config(ckpt_dir)
-    params_dir = os.path.join(os.path.abspath(ckpt_dir), PARAMS_DIR)
+    params_dir = os.path.join(ckpt_dir, PARAMS_DIR)
     check_stored_tree(params_dir, param_shapes(config))
     arrays = store.open_for_reading(params_dir)
     units = hf_layout.plan(config, config)
@@ -148,5 +174,7 @@ def convert_to_hf(ckpt_dir, out_dir, *, max_shard_bytes: int = DEFAULT_SHARD_BYT
             total += data_bytes
     write_json_atomic(os.path.join(partial, INDEX_FILE),
                       {"metadata": {"total_size": total}, "weight_map": weight_map})
-    write_json_atomic(os.path.join(partial, "config.json"), hub_config(config))
+    bundled_files.copy_bundled(ckpt_dir, partial)
+    write_json_atomic(os.path.join(partial, CONFIG_FILE),
+                      hub_config(config, shipped_auto_map(ckpt_dir)))
     os.rename(partial, out)

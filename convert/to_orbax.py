@@ -10,8 +10,10 @@
    slices; routed experts go one expert at a time, so memory stays near a few tensors plus
    the bounded write queue, never a layer or the model. When a unit's writes have landed,
    `.convert/done/<unit>` is written.
-3. Finalize: check every chunk file exists, write Orbax's metadata, `conversion.json` and
-   finally `config.json`, then rename `OUT.partial` to `OUT`.
+3. Finalize: check every chunk file exists, write Orbax's metadata, copy the source's
+   tokenizer, chat template, generation config and custom code (`convert.bundled_files`),
+   write `conversion.json` and finally `config.json` (the source's `auto_map` kept, for the
+   export), then rename `OUT.partial` to `OUT`.
 
 A run killed at any point and started again with the same arguments redoes only units without
 a done marker (rewriting their whole chunk files), so it ends byte-identical to an
@@ -29,7 +31,7 @@ import sys
 
 from tqdm import tqdm
 
-from convert import hf_layout, store
+from convert import bundled_files, hf_layout, store
 from convert.pipeline import ordered_map, thread_pool
 from convert.reader import ConversionError, HFCheckpoint
 from k2jax import quant
@@ -135,7 +137,10 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         provenance = {"source": hf.fingerprint(), "dtype": dtype, "format": 1}
         skipped = sorted(hf.tensors.keys() - {n for names in reads.values() for n in names})
         if _already_done(out, partial, provenance):
-            log(f"{out} already holds this conversion")
+            # A checkpoint converted before files were bundled gets the missing ones.
+            added = bundled_files.copy_bundled(hf.directory, out, replace=False)
+            log(f"{out} already holds this conversion"
+                + (f"; added {', '.join(added)}" if added else ""))
             return read_config(out)
         if skipped:
             log(f"skipping {len(skipped)} tensors of layers past num_hidden_layers="
@@ -156,7 +161,10 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
                 _convert_unit(unit, hf, arrays, reads, fp8, bar, pool)
                 os.sync()  # the unit's chunks reach the disk before its marker does
                 _touch(os.path.join(done_dir, unit.name))
-        _finalize(out, partial, params_dir, specs, target, provenance)
+        stored = config_to_json(target)
+        if hf.config.get("auto_map"):
+            stored["auto_map"] = hf.config["auto_map"]
+        _finalize(out, partial, params_dir, specs, stored, provenance, hf.directory)
     return target
 
 
@@ -274,14 +282,16 @@ def _prepare(partial: str, provenance: dict, log) -> str:
     return state
 
 
-def _finalize(out, partial, params_dir, specs, config, provenance) -> None:
+def _finalize(out, partial, params_dir, specs, stored_config: dict, provenance,
+              source_dir: str) -> None:
     missing = store.missing_chunks(params_dir, specs)
     if missing:
         raise ConversionError(f"{partial}: incomplete arrays despite done markers: "
                               f"{', '.join(missing[:5])}; remove it and convert again")
     store.write_metadata(params_dir, specs)
+    bundled_files.copy_bundled(source_dir, partial)
     write_json_atomic(os.path.join(partial, PROVENANCE_FILE), provenance)
-    write_json_atomic(os.path.join(partial, CONFIG_FILE), config_to_json(config))
+    write_json_atomic(os.path.join(partial, CONFIG_FILE), stored_config)
     os.rename(partial, out)
     shutil.rmtree(os.path.join(out, STATE_DIR))
 

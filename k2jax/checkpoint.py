@@ -3,12 +3,16 @@
 A checkpoint directory:
 
     PATH/config.json   `ModelConfig.to_hf()` (a hub config.json) plus the k2jax fields `dtype`,
-                       `quantized_linears` and `quant_group_size`. Written last: a directory
-                       without it is incomplete and `load` refuses it.
+                       `quantized_linears` and `quant_group_size` (and, converted, the hub's
+                       `auto_map`). Written last: a directory without it is incomplete and
+                       `load` refuses it.
     PATH/params/       an Orbax PyTree checkpoint of the parameter tree (layout in
                        `k2jax.model`): one tensorstore array per leaf, named by its '.'-joined
                        path, e.g. `moe_layers.mlp.experts.up_proj.kernel.values`
                        `[L_moe, E, in, out]` int4 and `...kernel.scale` `[L_moe, E, in/32, out]`.
+    PATH/tiktoken.model, tokenizer_config.json, chat_template.jinja, generation_config.json,
+    PATH/*.py, ...     a converted model's non-weight files, byte for byte as the hub directory
+                       had them (`convert.bundled_files`); absent from a `save`d checkpoint.
 
 `save` writes `params/` through Orbax's PyTree handler; `k2jax convert` writes the same tree layer
 by layer as plain zarr3 arrays (`convert.store`). Either restores with stock Orbax, which
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 
 import jax
@@ -62,11 +67,24 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     path = os.fspath(path)
     config_path = os.path.join(path, CONFIG_FILE)
     if not os.path.isdir(os.path.join(path, PARAMS_DIR)) or not os.path.isfile(config_path):
-        raise CheckpointError(f"{path}: not a complete k2jax checkpoint (needs {CONFIG_FILE} "
-                              f"and {PARAMS_DIR}/; an interrupted `k2jax convert` finishes "
-                              "when run again)")
+        raise CheckpointError(_not_a_checkpoint(path))
     with open(config_path) as f:
         return config_from_json(json.load(f))
+
+
+def _not_a_checkpoint(path: str) -> str:
+    """Why `path` is not a checkpoint, and the command that makes one."""
+    if not os.path.exists(path):
+        if os.path.isdir(path + ".partial"):
+            return (f"{path} does not exist yet: {path}.partial is an unfinished "
+                    "`k2jax convert`; run the same command again to finish it")
+        return f"{path}: no such directory"
+    names = os.listdir(path) if os.path.isdir(path) else []
+    if CONFIG_FILE in names and any(n.endswith(".safetensors") for n in names):
+        return (f"{path} is a Hugging Face checkpoint, not an Orbax one: convert it first "
+                f"with `k2jax convert {shlex.quote(path)} OUT` and pass OUT")
+    return (f"{path}: not a complete k2jax checkpoint (needs {CONFIG_FILE} and {PARAMS_DIR}/; "
+            "an interrupted `k2jax convert` finishes when run again)")
 
 
 def save(path: str | os.PathLike, config: ModelConfig, params) -> None:

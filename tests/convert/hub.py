@@ -13,6 +13,7 @@ import torch
 from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 
@@ -108,6 +109,22 @@ def write_hub(directory, tensors: dict[str, torch.Tensor], model, shard_bytes: i
     with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return directory
+
+
+def read_hub(directory) -> dict[str, torch.Tensor]:
+    """Every tensor of a hub directory, checking each shard holds exactly what the index says."""
+    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
+        weight_map = json.load(f)["weight_map"]
+    tensors = {}
+    for file in sorted(set(weight_map.values())):
+        with safe_open(os.path.join(directory, file), framework="pt") as f:
+            assert set(f.keys()) == {n for n, s in weight_map.items() if s == file}
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def int4_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

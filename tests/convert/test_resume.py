@@ -1,5 +1,5 @@
 """Resumable conversion: a SIGKILLed `k2jax convert` run again ends byte-identical to an
-uninterrupted run, and nothing incomplete ever loads."""
+uninterrupted run, and nothing incomplete ever loads; Ctrl-C and SIGTERM stop it with one line."""
 
 import json
 import os
@@ -41,27 +41,50 @@ def _tree(directory):
     return out
 
 
-def _start_and_kill(src, dst, after_units):
-    """Runs `k2jax convert src dst` in a subprocess and SIGKILLs it once `after_units` units
-    are marked done. Returns how many were done when it died."""
+@pytest.fixture(scope="module")
+def clean(many_layers_hub, tmp_path_factory):
+    """The uninterrupted conversion of `many_layers_hub`."""
+    out = str(tmp_path_factory.mktemp("clean") / "ckpt")
+    convert_to_orbax(many_layers_hub, out, progress=False)
+    return out
+
+
+def _start(src, dst):
+    """`k2jax convert src dst` in a subprocess."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    proc = subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", src, dst,
+    return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", src, dst,
                              "--no-progress"], env=env, stderr=subprocess.PIPE)
+
+
+def _signal_after(proc, dst, after_units, signum):
+    """Sends `signum` to `proc` once `after_units` units of `dst` are marked done."""
     done_dir = os.path.join(dst + ".partial", STATE_DIR, "done")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if os.path.isdir(done_dir) and len(os.listdir(done_dir)) >= after_units:
-            proc.send_signal(signal.SIGKILL)
-            break
+            proc.send_signal(signum)
+            return
         time.sleep(0.001)
-    proc.wait()
+    raise AssertionError(f"no {after_units} done units (exit {proc.poll()}): "
+                         f"{proc.stderr.read().decode() if proc.poll() is not None else ''}")
+
+
+def _start_and_kill(src, dst, after_units):
+    """Runs `k2jax convert src dst` in a subprocess and SIGKILLs it once `after_units` units
+    are marked done. Returns how many were done when it died."""
+    proc = _start(src, dst)
+    try:
+        _signal_after(proc, dst, after_units, signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()
-    return len(os.listdir(done_dir))
+    return len(os.listdir(os.path.join(dst + ".partial", STATE_DIR, "done")))
 
 
-def test_killed_conversion_resumes_to_identical_checkpoint(many_layers_hub, tmp_path):
-    clean, killed = str(tmp_path / "clean"), str(tmp_path / "killed")
-    convert_to_orbax(many_layers_hub, clean, progress=False)
+def test_killed_conversion_resumes_to_identical_checkpoint(many_layers_hub, clean, tmp_path):
+    killed = str(tmp_path / "killed")
     units = 1 + 8  # top + layers
     first = _start_and_kill(many_layers_hub, killed, after_units=2)
     assert first < units and not os.path.exists(killed)
@@ -74,6 +97,28 @@ def test_killed_conversion_resumes_to_identical_checkpoint(many_layers_hub, tmp_
     assert any(f"resuming {killed}.partial: {second} units done" in n for n in notes)
     assert not os.path.exists(killed + ".partial")
     assert _tree(killed) == _tree(clean)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_with_one_line_and_rerun_resumes(many_layers_hub, clean, tmp_path,
+                                                      signum):
+    out = str(tmp_path / "ckpt")
+    proc = _start(many_layers_hub, out)
+    try:
+        _signal_after(proc, out, 2, signum)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert err.decode() == "k2jax convert: interrupted; rerun the same command to resume\n"
+    assert proc.returncode == 128 + signum
+    with pytest.raises(CheckpointError, match=f"{out} does not exist yet: {out}.partial is an "
+                       "unfinished `k2jax convert`; run the same command again"):
+        load(out)
+    notes = []
+    convert_to_orbax(many_layers_hub, out, progress=False, log=notes.append)
+    assert any(n.startswith(f"resuming {out}.partial: ") for n in notes)
+    assert _tree(out) == _tree(clean)
 
 
 def test_interrupted_finish_is_completed(k2_hub, tmp_path):

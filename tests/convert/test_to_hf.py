@@ -8,7 +8,6 @@ import re
 import pytest
 import torch
 from compressed_tensors.quantization import QuantizationConfig
-from safetensors import safe_open
 from transformers import DeepseekV3ForCausalLM
 
 import k2jax
@@ -18,32 +17,17 @@ from k2jax.checkpoint import CheckpointError, save
 from tests.convert import hub
 
 
-def _read_hub(directory):
-    with open(os.path.join(directory, "model.safetensors.index.json")) as f:
-        weight_map = json.load(f)["weight_map"]
-    tensors = {}
-    for file in sorted(set(weight_map.values())):
-        with safe_open(os.path.join(directory, file), framework="pt") as f:
-            assert set(f.keys()) == {n for n, s in weight_map.items() if s == file}
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
-
-
-def _as_bytes(t):
-    return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
 @pytest.mark.parametrize("source", ["k2_hub", "k2_int4_hub"])
 def test_round_trip_is_byte_identical(source, request, tmp_path):
     original = request.getfixturevalue(source)
     convert_to_orbax(original.path, tmp_path / "ckpt", progress=False)
     convert_to_hf(tmp_path / "ckpt", tmp_path / "hub", max_shard_bytes=100_000, progress=False)
     assert len(os.listdir(tmp_path / "hub")) > 3  # several shards
-    exported = _read_hub(tmp_path / "hub")
+    exported = hub.read_hub(tmp_path / "hub")
     assert exported.keys() == original.tensors.keys()
     for name, t in original.tensors.items():
         assert exported[name].dtype == t.dtype and exported[name].shape == t.shape, name
-        assert _as_bytes(exported[name]) == _as_bytes(t), name
+        assert hub.as_bytes(exported[name]) == hub.as_bytes(t), name
     assert (k2jax.ModelConfig.from_hf(tmp_path / "hub")
             == k2jax.ModelConfig.from_hf(original.path))
 
@@ -83,10 +67,10 @@ def test_export_of_a_saved_checkpoint(k2_int4_hub, tmp_path):
     save(tmp_path / "saved", config, params)
     assert (tmp_path / "saved" / "params" / "manifest.ocdbt").exists()
     convert_to_hf(tmp_path / "saved", tmp_path / "hub", progress=False)
-    exported = _read_hub(tmp_path / "hub")
+    exported = hub.read_hub(tmp_path / "hub")
     assert exported.keys() == k2_int4_hub.tensors.keys()
     for name, t in k2_int4_hub.tensors.items():
-        assert _as_bytes(exported[name]) == _as_bytes(t), name
+        assert hub.as_bytes(exported[name]) == hub.as_bytes(t), name
 
 
 def test_arrays_that_do_not_match_config_are_refused(k2_hub, tmp_path):
