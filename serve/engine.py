@@ -91,6 +91,7 @@ class StreamDelta:
     logprobs: list[float] | None
     text: str | None
     finish_reason: str | None
+    top_logprobs: list[dict[int, float]] | None = None  # per token, when logprobs >= 1
 
 
 @functools.partial(jax.jit, static_argnames="config", donate_argnames="pools")
@@ -104,17 +105,17 @@ def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b):
 
 
 @functools.partial(jax.jit, donate_argnames="penalty")
-def _sample(logits_bv, penalty, slots_b, row_floats, row_ints):
+def _sample(logits_bv, penalty, slots_b, row_floats, row_ints, steering):
     """Samples each row and counts the tokens of rows kept (`slots_b` in range).
 
-    A program of its own: it compiles once per batch bucket, not once per model shape.
-    `penalty` is `(prompt_mask [max_batch, V], counts [max_batch, V])` by slot. Returns
-    `(Sampled, penalty)`.
+    A program of its own: it compiles once per batch bucket (and bias / mask width), not once
+    per model shape. `penalty` is `(prompt_mask [max_batch, V], counts [max_batch, V])` by
+    slot; `steering` the rows' `sampling.Steering`. Returns `(Sampled, penalty)`.
     """
     prompt_mask_sv, counts_sv = penalty
     rows = functools.partial(jnp.take, indices=slots_b, axis=0, mode="fill", fill_value=0)
     out = sampling.sample(logits_bv, row_floats, row_ints,
-                          lambda: (rows(prompt_mask_sv), rows(counts_sv)))
+                          lambda: (rows(prompt_mask_sv), rows(counts_sv)), steering)
     counts_sv = counts_sv.at[slots_b, out.tokens].add(1, mode="drop")
     return out, (prompt_mask_sv, counts_sv)
 
@@ -181,6 +182,8 @@ class Engine:
         self._ids = itertools.count()
         self._arrivals = itertools.count()
         self._requests: dict[int, tuple[list[int], list[Sequence]]] = {}
+        # Each constrained completion's own `TokenConstraint`, made on its first sampled step.
+        self._constraints: dict[Sequence, sampling.TokenConstraint] = {}
         self._failures: dict[int, Exception] = {}
         self.stats = dict.fromkeys(
             ("prefill_tokens", "decode_steps", "generated_tokens", "preemptions"), 0)
@@ -194,6 +197,8 @@ class Engine:
             raise ValueError("empty prompt")
         if not all(0 <= t < self.config.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.config.vocab_size})")
+        if not all(t < self.config.vocab_size for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.config.vocab_size})")
         if len(prompt) >= self.max_seq_len:
             raise ValueError(f"prompt of {len(prompt)} tokens leaves no room in max_seq_len="
                              f"{self.max_seq_len}")
@@ -218,6 +223,8 @@ class Engine:
     def pop_result(self, request_id: int) -> GenerationResult:
         """The finished request's result (forgotten by the engine afterwards)."""
         prompt, seqs = self._requests.pop(request_id)
+        for seq in seqs:
+            self._constraints.pop(seq, None)
         outputs = [Completion(s.index, list(s.generated), s.text, s.finish_reason,
                               s.logprobs if s.params.logprobs is not None else None,
                               s.top_logprobs if s.params.logprobs else None) for s in seqs]
@@ -234,6 +241,7 @@ class Engine:
         their slots and pages, and the engine forgets it. Unknown ids are ignored."""
         _, seqs = self._requests.pop(request_id, (None, []))
         for seq in seqs:
+            self._constraints.pop(seq, None)
             if seq in self.scheduler.waiting:
                 self.scheduler.waiting.remove(seq)
             self.scheduler.release(seq)
@@ -330,10 +338,14 @@ class Engine:
         pad_floats, pad_ints = sampling.padding_row()
         floats = np.tile(np.asarray(pad_floats, np.float32), (rows, 1))
         ints = np.tile(np.asarray(pad_ints, np.int32), (rows, 1))
+        biases, masks = [()] * rows, [None] * rows
         for r, seq in samplers.items():
             values = self._isolated(seq, self._sampling_row, seq)
             if values is not None:
-                floats[r], ints[r] = values
+                floats[r], ints[r], biases[r], masks[r] = values
+        steering = sampling.steering_arrays(
+            biases, masks, self.config.vocab_size,
+            lambda n: bucket(n, sampling.INT32_MAX))
         samplers = {r: seq for r, seq in samplers.items() if not self._failed(seq)}
         row_seqs = [None if seq is None or self._failed(seq) else seq for seq in row_seqs]
         positions[[r for r, seq in enumerate(row_seqs) if seq is None]] = -1
@@ -348,11 +360,20 @@ class Engine:
             slots[r] = seq.slot
         logits, self.pools = _forward(self.config, self.params, self.pools, tokens, positions,
                                       table, last)
-        out, self.penalty = _sample(logits, self.penalty, slots, floats, ints)
+        out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering)
         return jax.device_get(out), sorted(samplers.items())
 
     def _sampling_row(self, seq: Sequence):
-        return sampling.row_values(seq.params, seq.seed, len(seq.generated))
+        """`(floats, ints, logit_bias, mask)` of the row that samples `seq`'s next token."""
+        floats, ints = sampling.row_values(seq.params, seq.seed, len(seq.generated))
+        mask = None
+        if seq.params.constraint is not None:
+            if seq not in self._constraints:
+                self._constraints[seq] = seq.params.constraint()
+            mask = self._constraints[seq].next_mask(seq.generated)
+            if mask is not None and mask.bitmask is None and not mask.deny and not mask.ids:
+                raise ValueError("the request's constraint allows no next token")
+        return floats, ints, seq.params.logit_bias, mask
 
     def _record(self, out, samplers) -> list[Sequence]:
         for r, seq in samplers:
@@ -375,6 +396,7 @@ class Engine:
     def _delta(self, seq: Sequence) -> StreamDelta:
         new = seq.generated[seq.sent_tokens:]
         logprobs = (seq.logprobs[seq.sent_tokens:] if seq.params.logprobs is not None else None)
+        top = seq.top_logprobs[seq.sent_tokens:] if seq.params.logprobs else None
         seq.sent_tokens = len(seq.generated)
         return StreamDelta(seq.request_id, seq.index, new, logprobs, seq.text_delta(),
-                           seq.finish_reason)
+                           seq.finish_reason, top)

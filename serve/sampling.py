@@ -2,8 +2,11 @@
 next-token sampler.
 
 The sampler works on a batch of rows `[B, V]` where every row carries its own parameters, so
-requests with different settings decode together. Per row, in HF's order:
+requests with different settings decode together. Per row, in vLLM's order:
 
+  logit bias  the request's `logit_bias`, added to the logits (sparse: `[B, K]` ids and values)
+  mask        the request's constraint for this step (`TokenMask`): an allow list or a deny
+              list of ids `[B, K]`, or a dense bitmask `[B, ceil(V/32)]`; masked tokens -inf
   penalties   repetition (prompt and output tokens, HF/vLLM rule: divide positive logits,
               multiply negative ones), presence and frequency (output tokens, OpenAI rule)
   greedy      temperature 0: argmax of the penalised logits
@@ -19,20 +22,53 @@ whatever else shares its batch. The noise is drawn in vocabulary order, so wheth
 for some other row cannot change a row's draw.
 
 Reported logprobs are those of the model's distribution, `log_softmax(logits)`, before
-penalties, temperature and filters (vLLM's default "raw" logprobs).
+bias, masks, penalties, temperature and filters (vLLM's default "raw" logprobs).
+
+A constraint (`SamplingParams.constraint`) is host-side: a factory of one `TokenConstraint` per
+completion, asked before each step for the tokens allowed next given those generated so far.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 MAX_TOP_LOGPROBS = 20  # as vLLM's default max_logprobs
 INT32_MAX = 2**31 - 1  # integer parameters travel to the sampler in int32 arrays
+MAX_LOGIT_BIAS = 300  # entries, as OpenAI allows
+LOGIT_BIAS_RANGE = 100.0
+
+# How a row's `TokenMask` reads (the sampler's `mask_mode` column).
+MASK_FREE, MASK_ALLOW, MASK_DENY, MASK_BITMASK = 0, 1, 2, 3
+
+
+class TokenMask(NamedTuple):
+    """The tokens a constraint allows next: `ids` only (`deny=False`), every token but `ids`
+    (`deny=True`), or, when `bitmask` is given, those whose bit is set (uint32 words as int32,
+    `[ceil(V/32)]`, token t at bit t % 32 of word t // 32: llguidance's layout)."""
+
+    ids: tuple[int, ...] = ()
+    deny: bool = False
+    bitmask: np.ndarray | None = None
+
+    @property
+    def mode(self) -> int:
+        if self.bitmask is not None:
+            return MASK_BITMASK
+        return MASK_DENY if self.deny else MASK_ALLOW
+
+
+class TokenConstraint(Protocol):
+    """One completion's constraint: `next_mask(generated)` gives the mask for the next token,
+    or None when any token may follow. Called once per step with every token generated so far
+    (the list only grows, preemption included), so implementations may advance incrementally."""
+
+    def next_mask(self, generated: Sequence[int]) -> TokenMask | None: ...
 
 _ALIASES = {"max_tokens": "max_new_tokens"}
 
@@ -44,6 +80,9 @@ class SamplingParams:
     `n` completions are drawn per prompt; with a `seed`, completion i uses seed + i.
     `logprobs=None` returns none, `0` the chosen tokens' logprobs, `N` also the top N per step.
     `stop` strings need a detokenizer (the engine's `detokenize`); the text is cut before them.
+    `logit_bias` maps token ids to values in [-100, 100] added to their logits (a mapping or
+    `(id, bias)` pairs, at most 300). `constraint` is called once per completion and returns its
+    `TokenConstraint` (e.g. `serve.constraints`), asked before every step.
     """
 
     max_new_tokens: int = 16
@@ -59,6 +98,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     seed: int | None = None
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    constraint: Callable[[], TokenConstraint] | None = None
 
     def __post_init__(self):
         def need(cond, msg):
@@ -69,6 +110,9 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
+        bias = self.logit_bias or ()
+        bias = bias.items() if isinstance(bias, dict) else bias
+        object.__setattr__(self, "logit_bias", tuple(sorted((int(t), float(b)) for t, b in bias)))
         need(isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= INT32_MAX,
              f"max_new_tokens must be an integer in [1, 2**31), got {self.max_new_tokens!r}")
         need(self.temperature >= 0 and math.isfinite(self.temperature),
@@ -95,6 +139,16 @@ class SamplingParams:
                                        and 0 <= self.logprobs <= MAX_TOP_LOGPROBS),
              f"logprobs must be None or an integer in [0, {MAX_TOP_LOGPROBS}], "
              f"got {self.logprobs!r}")
+        need(len(self.logit_bias) <= MAX_LOGIT_BIAS,
+             f"logit_bias has at most {MAX_LOGIT_BIAS} entries, got {len(self.logit_bias)}")
+        need(len({t for t, _ in self.logit_bias}) == len(self.logit_bias),
+             "logit_bias names a token id twice")
+        need(all(0 <= t <= INT32_MAX and -LOGIT_BIAS_RANGE <= b <= LOGIT_BIAS_RANGE
+                 for t, b in self.logit_bias),
+             f"logit_bias: ids must be in [0, 2**31) and biases in [-100, 100], "
+             f"got {self.logit_bias[:4]!r}...")
+        need(self.constraint is None or callable(self.constraint),
+             "constraint must be a callable returning a TokenConstraint")
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "SamplingParams":
@@ -135,6 +189,72 @@ def row_values(params: SamplingParams, seed: int, step: int) -> tuple[list[float
 def padding_row() -> tuple[list[float], list[int]]:
     """Parameters of a row whose sample is discarded: greedy, nothing to compute."""
     return row_values(SamplingParams(temperature=0.0), 0, 0)
+
+
+class Steering(NamedTuple):
+    """Per-row logit bias and masks, sparse so that no `[B, V]` array crosses to the device
+    (except the bitmask, sent only when some row of the step needs one).
+
+    bias_ids, bias_values: int32 / float32 `[B, K]`; padding ids are V (dropped).
+    mask_ids: int32 `[B, M]`, the ids of an allow or deny list (padding V); mask_mode: int32
+      `[B]`, `MASK_*`; bitmask: int32 `[B, ceil(V/32)]` or None.
+    """
+
+    bias_ids: Any
+    bias_values: Any
+    mask_ids: Any
+    mask_mode: Any
+    bitmask: Any = None
+
+
+def steering_arrays(biases: list, masks: list, vocab: int, bucket) -> Steering:
+    """`Steering` for `B` rows from each row's `logit_bias` pairs and `TokenMask` (or None);
+    widths are rounded by `bucket(n)` so that a few shapes serve every request."""
+    rows = len(biases)
+    k = bucket(max((len(b) for b in biases), default=0))
+    bias_ids = np.full((rows, k), vocab, np.int32)
+    bias_values = np.zeros((rows, k), np.float32)
+    for r, pairs in enumerate(biases):
+        for j, (token, value) in enumerate(pairs):
+            bias_ids[r, j], bias_values[r, j] = token, value
+    m = bucket(max((len(mk.ids) for mk in masks if mk is not None and mk.bitmask is None),
+                   default=0))
+    mask_ids = np.full((rows, m), vocab, np.int32)
+    mask_mode = np.zeros(rows, np.int32)
+    bitmask = None
+    if any(mk is not None and mk.bitmask is not None for mk in masks):
+        bitmask = np.zeros((rows, -(-vocab // 32)), np.int32)
+    for r, mk in enumerate(masks):
+        if mk is None:
+            continue
+        mask_mode[r] = mk.mode
+        if mk.bitmask is not None:
+            words = np.asarray(mk.bitmask).view(np.int32).ravel()[:bitmask.shape[1]]
+            bitmask[r, :len(words)] = words
+        else:
+            mask_ids[r, :len(mk.ids)] = mk.ids
+    return Steering(bias_ids, bias_values, mask_ids, mask_mode, bitmask)
+
+
+def apply_steering(logits_bv, steering: Steering):
+    """Adds each row's logit bias, then sets the tokens its mask forbids to -inf."""
+    rows_b1 = jnp.arange(logits_bv.shape[0])[:, None]
+    vocab = logits_bv.shape[-1]
+    logits_bv = logits_bv.at[rows_b1, steering.bias_ids].add(steering.bias_values, mode="drop")
+    mode_b1 = steering.mask_mode[:, None]
+
+    def masked():
+        listed_bv = jnp.zeros(logits_bv.shape, bool).at[rows_b1, steering.mask_ids].set(
+            True, mode="drop")
+        allowed_bv = jnp.where(mode_b1 == MASK_ALLOW, listed_bv, ~listed_bv)
+        if steering.bitmask is not None:
+            v = jnp.arange(vocab)
+            bits_bv = (steering.bitmask[:, v // 32] >> (v % 32)[None]) & 1
+            allowed_bv = jnp.where(mode_b1 == MASK_BITMASK, bits_bv == 1, allowed_bv)
+        allowed_bv = allowed_bv | (mode_b1 == MASK_FREE)
+        return jnp.where(allowed_bv, logits_bv, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(steering.mask_mode != MASK_FREE), masked, lambda: logits_bv)
 
 
 class Sampled(NamedTuple):
@@ -192,7 +312,7 @@ def row_keys(seeds_b, steps_b):
         seeds_b.astype(jnp.uint32), steps_b.astype(jnp.uint32))
 
 
-def sample(logits_bv, row_floats, row_ints, penalty_rows):
+def sample(logits_bv, row_floats, row_ints, penalty_rows, steering: Steering | None = None):
     """Draws one token per row.
 
     Work that no row of the batch needs (penalties, random draws, filters, top-N logprobs) is
@@ -205,6 +325,7 @@ def sample(logits_bv, row_floats, row_ints, penalty_rows):
         `[B, len(INT_COLUMNS)]`, the per-row parameters (`row_values`).
       penalty_rows: `() -> (prompt_mask [B, V] bool, counts [B, V] int32)`, the prompt tokens
         and output-token counts of each row (called only when some row uses a penalty).
+      steering: each row's logit bias and mask (`Steering`), or None for none.
     Returns:
       `Sampled`.
     """
@@ -217,10 +338,11 @@ def sample(logits_bv, row_floats, row_ints, penalty_rows):
                    | (col["frequency_penalty"] != 0))
     filtered_b = ~greedy_b & ((icol["top_k"] > 0) | (col["top_p"] < 1) | (col["min_p"] > 0))
 
+    steered_bv = logits_bv if steering is None else apply_steering(logits_bv, steering)
     scores_bv = jax.lax.cond(
         jnp.any(penalised_b),
-        lambda: apply_penalties(logits_bv, row_floats, *penalty_rows()),
-        lambda: logits_bv)
+        lambda: apply_penalties(steered_bv, row_floats, *penalty_rows()),
+        lambda: steered_bv)
     argmax_b = jnp.argmax(scores_bv, axis=-1).astype(jnp.int32)
 
     def draw():
