@@ -26,10 +26,12 @@ from serve.parsers import ParsedMessage, parse_output, prompt_opens_reasoning
 from serve.sampling import SamplingParams
 
 
-def render(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None
-           ) -> ChatPrompt:
-    """The prompt for a conversation, ending with the assistant turn's header."""
-    return apply_chat_template(tokenizer, messages, tools, normalize_tool_call_ids=True)
+def render(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
+           *, thinking: bool = True) -> ChatPrompt:
+    """The prompt for a conversation, ending with the assistant turn's header (and an empty
+    `<think></think>` when `thinking` is off)."""
+    return apply_chat_template(tokenizer, messages, tools, normalize_tool_call_ids=True,
+                               thinking=thinking)
 
 
 def detokenizer(tokenizer):

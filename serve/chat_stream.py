@@ -4,6 +4,11 @@
 (`reasoning_content`, `content`, `tool_calls` deltas, then an empty delta with the finish
 reason); `choices()` gives the whole messages for a non-streaming response. Both come from the
 same parsers, so a stream's deltas add up to the non-streaming message.
+
+With `logprobs`, every generated token is reported, as vLLM does: reasoning, content and the
+tool-call section alike (the stop token included), in generation order. A stream sends the
+logprobs of an engine delta's tokens on the first chunk that delta produces (an empty delta
+when its text is held back), so the chunks' logprobs add up to the non-streaming ones.
 """
 
 from __future__ import annotations
@@ -37,14 +42,17 @@ class FinalRequest:
 class ChatChoices:
     """Parse state of a chat request's `n` completions."""
 
-    def __init__(self, n: int, prompt_text: str):
+    def __init__(self, n: int, prompt_text: str, tokenizer=None, logprobs: bool = False):
         opens = prompt_opens_reasoning(prompt_text)
         self.parsers = [OutputParser(starts_in_reasoning=opens) for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
         self.completion_tokens = 0
+        self.tokenizer = tokenizer
+        self.logprobs = logprobs and tokenizer is not None
+        self.tokens: list[tuple[list, list, list]] = [([], [], []) for _ in range(n)]
 
-    def feed(self, delta: StreamDelta) -> list[tuple[int, dict, str | None]]:
-        """The `(choice index, OpenAI delta, finish_reason)` chunks of one engine delta."""
+    def feed(self, delta: StreamDelta) -> list[tuple[int, dict, str | None, dict | None]]:
+        """The `(choice index, OpenAI delta, finish_reason, logprobs)` chunks of one delta."""
         parser = self.parsers[delta.index]
         self.completion_tokens += len(delta.token_ids)
         parsed = parser.feed(delta.text or "")
@@ -56,7 +64,23 @@ class ChatChoices:
             reason = chat.finish_reason(delta.finish_reason, bool(parser.result().tool_calls))
             self.reasons[delta.index] = reason
             chunks.append((delta.index, {}, reason))
+        chunks = [(*chunk, None) for chunk in chunks]
+        logprobs = self._logprobs(delta)
+        if logprobs is not None:
+            if not chunks:
+                chunks = [(delta.index, {}, None, None)]
+            chunks[0] = (*chunks[0][:3], logprobs)
         return chunks
+
+    def _logprobs(self, delta: StreamDelta) -> dict | None:
+        if not self.logprobs or not delta.token_ids or delta.logprobs is None:
+            return None
+        ids, lps, tops = self.tokens[delta.index]
+        ids += delta.token_ids
+        lps += delta.logprobs
+        tops += delta.top_logprobs or [{}] * len(delta.token_ids)
+        return proto.chat_logprobs(self.tokenizer, delta.token_ids, delta.logprobs,
+                                   delta.top_logprobs)
 
     def feed_all(self, deltas: list[StreamDelta]) -> None:
         for delta in deltas:
@@ -64,8 +88,13 @@ class ChatChoices:
 
     def choices(self) -> list[dict]:
         """The non-streaming `choices`: each completion's whole message and finish reason."""
-        return [proto.chat_choice(i, parser.result().to_openai(), reason)
+        return [proto.chat_choice(i, parser.result().to_openai(), reason, self._all_logprobs(i))
                 for i, (parser, reason) in enumerate(zip(self.parsers, self.reasons))]
+
+    def _all_logprobs(self, index: int) -> dict | None:
+        if not self.logprobs:
+            return None
+        return proto.chat_logprobs(self.tokenizer, *self.tokens[index])
 
 
 async def run_to_end(loop: EngineLoop, stream: RequestStream, on_deltas=None):

@@ -1,14 +1,19 @@
 """The OpenAI wire format: request validation, and the JSON of responses and stream chunks.
 
 Requests are pydantic models with `extra="forbid"` and strict JSON types: an unknown or
-unsupported parameter is a 400 that names it, never silently ignored. Ranges are OpenAI's
-(temperature in [0, 2], penalties in [-2, 2], n >= 1). Beside OpenAI's parameters the server
-takes vLLM's sampling extensions (`top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`),
-which the `openai` client sends through `extra_body`, and `heavy` (see `serve.heavy`).
+unsupported parameter is a 400 that names it. The one exception is `IGNORED_FIELDS`: OpenAI
+parameters that change nothing a self-hosted model can honour (`user`, `metadata`, `store`,
+`service_tier`, `reasoning_effort`, ...), which agent frameworks send by default; they are
+accepted, ignored, and named in one logged warning per request (`ignored_fields`), as vLLM does.
+Ranges are OpenAI's (temperature in [0, 2], penalties in [-2, 2], n >= 1, top_logprobs in
+[0, 20], completions' logprobs in [0, 5], logit_bias values in [-100, 100], at most 300).
+Beside OpenAI's parameters the server takes vLLM's extensions (`top_k`, `min_p`,
+`repetition_penalty`, `stop_token_ids`, `chat_template_kwargs`), which the `openai` client sends
+through `extra_body`, and `heavy` (see `serve.heavy`).
 
 Responses are plain dicts shaped as OpenAI's: `chat.completion` / `chat.completion.chunk`
 (with `reasoning_content` beside `content`, as DeepSeek's and vLLM's servers send it) and
-`text_completion`.
+`text_completion`; logprobs in OpenAI's shapes (`chat_logprobs`, `completion_logprobs`).
 """
 
 from __future__ import annotations
@@ -19,9 +24,9 @@ import uuid
 from typing import Annotated, Any, Literal
 
 from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError,
-                      model_validator)
+                      create_model, model_validator)
 
-from serve.sampling import SamplingParams
+from serve.sampling import LOGIT_BIAS_RANGE, MAX_LOGIT_BIAS, MAX_TOP_LOGPROBS, SamplingParams
 
 MAX_N = 16
 MAX_STOP_STRINGS = 16
@@ -31,6 +36,21 @@ MAX_PROMPTS = 256
 # Counts, lengths and seeds travel to the engine in int32 arrays.
 INT32_MAX = 2**31 - 1
 MAX_REPETITION_PENALTY = 100.0
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's bound for /v1/completions
+# A logprob JSON can carry (it has no -inf); vLLM reports the same floor.
+LOGPROB_FLOOR = -9999.0
+
+# OpenAI parameters accepted and ignored, with one logged warning per request naming them:
+# they concern OpenAI's platform (storage, billing tiers, end-user ids, output modalities,
+# predicted outputs, built-in web search) or effort/verbosity knobs K2 Thinking has no switch
+# for. `functions` / `function_call` (the deprecated tool API) stay 400s: ignoring them would
+# quietly drop the tools the client offers.
+IGNORED_FIELDS = {
+    "chat": ("user", "metadata", "store", "service_tier", "reasoning_effort", "modalities",
+             "prediction", "web_search_options", "verbosity", "prompt_cache_key",
+             "safety_identifier"),
+    "completions": ("user",),
+}
 
 
 class ProtocolError(Exception):
@@ -63,6 +83,18 @@ StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
+def _ignoring(kind: str) -> type[_Strict]:
+    """A base model holding `IGNORED_FIELDS[kind]`, any JSON value each."""
+    fields = {name: (Any, None) for name in IGNORED_FIELDS[kind]}
+    return create_model(f"_Ignored{kind.title()}", __base__=_Strict, **fields)
+
+
+def ignored_fields(request: _Strict) -> list[str]:
+    """The ignored parameters this request set (not null), for the warning."""
+    ignored = {name for names in IGNORED_FIELDS.values() for name in names}
+    return sorted(ignored & request.model_fields_set)
+
+
 class StreamOptions(_Strict):
     include_usage: bool = False
 
@@ -71,6 +103,9 @@ class HeavyOptions(_Strict):
     """Heavy mode: `n` candidate answers, then one aggregation pass (see `serve.heavy`)."""
 
     n: int = Field(ge=2, le=MAX_N)
+
+
+BiasValue = Annotated[float, Field(ge=-LOGIT_BIAS_RANGE, le=LOGIT_BIAS_RANGE)]
 
 
 class _SamplingRequest(_Strict):
@@ -87,7 +122,7 @@ class _SamplingRequest(_Strict):
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    user: str | None = None  # the caller's end-user id: accepted, changes nothing
+    logit_bias: dict[str, BiasValue] | None = Field(None, max_length=MAX_LOGIT_BIAS)
     # vLLM's extensions
     top_k: int = Field(0, ge=-1, le=INT32_MAX)
     min_p: float = Field(0.0, ge=0, le=1)
@@ -95,13 +130,42 @@ class _SamplingRequest(_Strict):
     stop_token_ids: list[TokenId] | None = Field(None, max_length=MAX_STOP_TOKEN_IDS)
 
 
-class ChatCompletionRequest(_SamplingRequest):
+class _NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: _NamedFunction
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object"]
+
+
+class ChatTemplateKwargs(_Strict):
+    """vLLM's `chat_template_kwargs`; K2 Thinking's template reads none, so only what the
+    renderer implements is accepted: `thinking` (false pre-fills `<think></think>`, as the
+    later K2 templates do with thinking off)."""
+
+    thinking: bool = True
+
+
+class ChatCompletionRequest(_SamplingRequest, _ignoring("chat")):
     messages: list[dict[str, Any]] = Field(min_length=1)
     tools: list[dict[str, Any]] | None = None
-    tool_choice: Literal["auto"] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    response_format: ResponseFormat | None = None
+    chat_template_kwargs: ChatTemplateKwargs | None = None
     max_completion_tokens: int | None = Field(None, ge=1, le=INT32_MAX)
     heavy: HeavyOptions | None = None
-    logprobs: Literal[False] = False  # clients that send `false` explicitly still work
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def engine_logprobs(self) -> int | None:
+        """The engine's `logprobs`: None, or how many top alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _prompt_kind(value) -> str | None:
@@ -125,14 +189,18 @@ Prompt = Annotated[
                   "of strings or a list of token id lists")]
 
 
-class CompletionRequest(_SamplingRequest):
+class CompletionRequest(_SamplingRequest, _ignoring("completions")):
     prompt: Prompt
     echo: Literal[False] = False
     max_tokens: int | None = Field(16, ge=1, le=INT32_MAX)  # OpenAI's default
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS)
+
+    def engine_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 _UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "list", "dict", "text", "ids", "texts",
-                      "id_lists"}
+                      "id_lists", "NamedToolChoice"}
 
 
 def _error_path(loc) -> str:
@@ -191,10 +259,26 @@ def requested_max_tokens(request: _SamplingRequest) -> int | None:
     return limit
 
 
+def logit_bias_pairs(request: _SamplingRequest, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`logit_bias` as `(token id, bias)` pairs; keys must be decimal ids in the vocabulary."""
+    pairs = []
+    for key, bias in (request.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab_size:
+            raise ProtocolError(400, f"logit_bias: keys must be token ids in [0, {vocab_size}) "
+                                f"written as decimal strings, got {key[:40]!r}", "logit_bias")
+        pairs.append((int(key), bias))
+    if len({token for token, _ in pairs}) < len(pairs):
+        raise ProtocolError(400, "logit_bias: a token id is given twice", "logit_bias")
+    return tuple(pairs)
+
+
 def sampling_params(request: _SamplingRequest, max_new_tokens: int, *, n: int | None = None,
-                    stop_token_ids: tuple[int, ...] = ()) -> SamplingParams:
-    """The engine's parameters for a validated request (`n` overrides the request's)."""
+                    stop_token_ids: tuple[int, ...] = (), vocab_size: int = INT32_MAX,
+                    constraint=None) -> SamplingParams:
+    """The engine's parameters for a validated request (`n` overrides the request's);
+    `constraint` is a `SamplingParams.constraint` factory."""
     stop = [request.stop] if isinstance(request.stop, str) else request.stop or []
+    bias = logit_bias_pairs(request, vocab_size)
     try:
         return SamplingParams(
             max_new_tokens=max_new_tokens, temperature=request.temperature, top_p=request.top_p,
@@ -203,7 +287,8 @@ def sampling_params(request: _SamplingRequest, max_new_tokens: int, *, n: int | 
             presence_penalty=request.presence_penalty,
             frequency_penalty=request.frequency_penalty, n=n or request.n, stop=tuple(stop),
             stop_token_ids=tuple(request.stop_token_ids or ()) + stop_token_ids,
-            seed=request.seed)
+            seed=request.seed, logprobs=request.engine_logprobs(), logit_bias=bias,
+            constraint=constraint)
     except ValueError as e:
         raise ProtocolError(400, str(e)) from None
 
@@ -227,10 +312,11 @@ class ResponseHeader:
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": usage_, **extra}
 
-    def chat_chunk(self, index: int, delta: dict, reason: str | None = None) -> dict:
+    def chat_chunk(self, index: int, delta: dict, reason: str | None = None,
+                   logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                 "model": self.model, "choices": [{"index": index, "delta": delta,
-                                                  "logprobs": None, "finish_reason": reason}]}
+                                                  "logprobs": logprobs, "finish_reason": reason}]}
 
     def chat_usage_chunk(self, usage_: dict) -> dict:
         return {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
@@ -240,22 +326,59 @@ class ResponseHeader:
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model, "choices": choices, "usage": usage_}
 
-    def completion_chunk(self, index: int, text: str, reason: str | None = None) -> dict:
+    def completion_chunk(self, index: int, text: str, reason: str | None = None,
+                         logprobs: dict | None = None) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
-                "model": self.model, "choices": [{"index": index, "text": text, "logprobs": None,
-                                                  "finish_reason": reason}]}
+                "model": self.model, "choices": [{"index": index, "text": text,
+                                                  "logprobs": logprobs, "finish_reason": reason}]}
 
     def completion_usage_chunk(self, usage_: dict) -> dict:
         return {"id": self.id, "object": "text_completion", "created": self.created,
                 "model": self.model, "choices": [], "usage": usage_}
 
 
-def chat_choice(index: int, message: dict, reason: str | None) -> dict:
-    return {"index": index, "message": message, "logprobs": None, "finish_reason": reason}
+def chat_choice(index: int, message: dict, reason: str | None,
+                logprobs: dict | None = None) -> dict:
+    return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": reason}
 
 
-def completion_choice(index: int, text: str, reason: str | None) -> dict:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": reason}
+def completion_choice(index: int, text: str, reason: str | None,
+                      logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason}
+
+
+def _floor(logprob: float) -> float:
+    return max(logprob, LOGPROB_FLOOR)
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    return tokenizer.id_to_token(token_id)
+
+
+def chat_logprobs(tokenizer, token_ids, logprobs, top_logprobs) -> dict:
+    """OpenAI's chat `logprobs`: `{"content": [{token, logprob, bytes, top_logprobs}]}`, one
+    entry per token (`top_logprobs` a `{id: logprob}` per token, or None for none)."""
+    def entry(token_id, logprob):
+        return {"token": _token_text(tokenizer, token_id), "logprob": _floor(logprob),
+                "bytes": list(tokenizer.token_bytes(token_id))}
+
+    tops = top_logprobs or [{}] * len(token_ids)
+    return {"content": [{**entry(t, lp), "top_logprobs": [entry(k, v) for k, v in top.items()]}
+                        for t, lp, top in zip(token_ids, logprobs, tops)]}
+
+
+def completion_logprobs(tokenizer, token_ids, logprobs, top_logprobs, offset: int = 0) -> dict:
+    """OpenAI's completions `logprobs`: `{tokens, token_logprobs, top_logprobs, text_offset}`;
+    offsets count characters of the token texts from `offset` (what earlier chunks held)."""
+    tokens = [_token_text(tokenizer, t) for t in token_ids]
+    offsets = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    tops = [{_token_text(tokenizer, k): _floor(v) for k, v in top.items()}
+            for top in top_logprobs] if top_logprobs else [None] * len(tokens)
+    return {"tokens": tokens, "token_logprobs": [_floor(lp) for lp in logprobs],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def sse(payload: dict | str) -> bytes:

@@ -24,13 +24,22 @@ refused from its length in characters before it is tokenized (a token spans at m
 `max_token_bytes` characters), and parsing and tokenizing run in a worker thread, so a large
 request never stalls the event loop that serves everyone else.
 
-Request options (anything else is a 400 naming it):
+Request options (anything else is a 400 naming it, but for `proto.IGNORED_FIELDS`: accepted,
+ignored, named in one logged warning per request):
   both endpoints  model, max_tokens, temperature [0, 2], top_p, n [1, 16], stop, seed,
                   presence_penalty, frequency_penalty, stream, stream_options.include_usage,
-                  user; vLLM's top_k, min_p, repetition_penalty, stop_token_ids
-  chat            messages, tools, tool_choice ("auto"), max_completion_tokens,
-                  logprobs (false only), heavy {"n": 2..16} (`serve.heavy`)
-  completions     prompt: text, token ids, or a list of either; echo (false only)
+                  logit_bias {"id": [-100, 100]} (<= 300); vLLM's top_k, min_p,
+                  repetition_penalty, stop_token_ids
+  chat            messages, tools, tool_choice ("auto", "none", "required", {"type":
+                  "function", "function": {"name"}}), parallel_tool_calls,
+                  max_completion_tokens, logprobs, top_logprobs [0, 20], response_format
+                  ({"type": "text"}), chat_template_kwargs ({"thinking": bool}),
+                  heavy {"n": 2..16} (`serve.heavy`)
+  completions     prompt: text, token ids, or a list of either; echo (false only);
+                  logprobs [0, 5]
+Chat logprobs cover every generated token (reasoning and tool-call section too, as vLLM);
+`tool_choice` other than "auto" and `parallel_tool_calls: false` constrain decoding
+(`serve.constraints`).
 `finish_reason` is "length" when cut by max_tokens or the context (reasoning counts against
 max_tokens), "tool_calls" when the message calls tools, else "stop". Usage counts the prompt
 and every generated token, the stop token included.
@@ -52,7 +61,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from serve import chat, heavy, openai_protocol as proto
+from serve import chat, constraints, heavy, openai_protocol as proto
 from serve.chat_stream import ChatChoices, FinalRequest, run_to_end
 from serve.engine_loop import EngineFailure, EngineLoop, RequestFailure
 from serve.http_streams import EventStream, merge_streams, unless_disconnected
@@ -164,11 +173,12 @@ class OpenAIServer:
 
     async def chat_completions(self, request: Request):
         self._authorize(request)
-        req, prompt, reserved = await asyncio.to_thread(self._parse_chat,
-                                                        await self._body(request))
+        req, prompt, reserved, constraint = await asyncio.to_thread(self._parse_chat,
+                                                                    await self._body(request))
         max_new = self._max_new_tokens(req, len(prompt.token_ids), reserved,
                                        req.heavy.n + 1 if req.heavy else 1)
-        params = proto.sampling_params(req, max_new, stop_token_ids=self.tokenizer.stop_ids)
+        params = proto.sampling_params(req, max_new, stop_token_ids=self.tokenizer.stop_ids,
+                                       vocab_size=self.vocab_size, constraint=constraint)
         header = proto.ResponseHeader("chatcmpl", self.model_name)
         final = FinalRequest(prompt.text, prompt.token_ids, params)
         if req.stream:
@@ -180,7 +190,7 @@ class OpenAIServer:
         self._authorize(request)
         req, prompts = await asyncio.to_thread(self._parse_completion, await self._body(request))
         max_new = min(self._max_new_tokens(req, len(p)) for p in prompts)
-        params = proto.sampling_params(req, max_new)
+        params = proto.sampling_params(req, max_new, vocab_size=self.vocab_size)
         header = proto.ResponseHeader("cmpl", self.model_name)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -190,24 +200,61 @@ class OpenAIServer:
 
     # ---- parsing (in a worker thread) -------------------------------------------------------
     def _parse_chat(self, body: bytes):
-        """`(request, prompt, reserved)`: `reserved` more prompt tokens heavy mode needs."""
+        """`(request, prompt, reserved, constraint)`: `reserved` more prompt tokens heavy mode
+        needs, `constraint` the `SamplingParams.constraint` of its tool choice (or None)."""
         req = proto.parse_request(body, proto.ChatCompletionRequest)
         self._check_model(req.model)
+        self._warn_ignored(req)
         self._check_stop_ids(req)
+        tool_choice = self._check_chat_options(req)
         self._check_text_fits(_message_chars(req.messages))
-        prompt = self._render(req.messages, req.tools)
+        prompt = self._render(req.messages, req.tools, _thinking(req))
         self._check_prompt(len(prompt.token_ids))
         reserved = 0
         if req.heavy is not None:
             # The aggregation prompt holds the conversation, every candidate and instructions.
             empty = [{"content": None}] * req.heavy.n
             reserved = len(self._render(heavy.aggregation_messages(req.messages, empty),
-                                        req.tools).token_ids) - len(prompt.token_ids)
-        return req, prompt, reserved
+                                        req.tools, _thinking(req)).token_ids) - len(
+                                            prompt.token_ids)
+        earlier_calls = sum(len(m.get("tool_calls") or ()) for m in req.messages
+                            if m.get("role") == "assistant")
+        constraint = constraints.for_tool_choice(self.tokenizer, tool_choice, req.tools,
+                                                 req.parallel_tool_calls, prompt.text,
+                                                 earlier_calls)
+        return req, prompt, reserved, constraint
+
+    def _check_chat_options(self, req) -> str | None:
+        """Checks the options that depend on each other; returns the tool choice as "auto",
+        "none", "required", a function name, or None."""
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ProtocolError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
+        if req.response_format is not None and req.response_format.type == "json_object":
+            raise ProtocolError(400, "response_format: json_object is not supported by this "
+                                "server", "response_format")
+        choice = req.tool_choice
+        if isinstance(choice, proto.NamedToolChoice):
+            choice = choice.function.name
+            names = [t.get("function", {}).get("name") for t in req.tools or ()
+                     if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+            if choice not in names:
+                raise ProtocolError(400, f"tool_choice: names function {choice[:80]!r}, which "
+                                    "is not among the request's tools", "tool_choice")
+        elif choice == "required" and not req.tools:
+            raise ProtocolError(400, "tool_choice: 'required' needs tools", "tool_choice")
+        return choice
+
+    def _warn_ignored(self, req) -> None:
+        ignored = proto.ignored_fields(req)
+        if ignored:
+            logging.getLogger(__name__).warning(
+                "ignoring request parameters this server does not implement: %s",
+                ", ".join(ignored))
 
     def _parse_completion(self, body: bytes):
         req = proto.parse_request(body, proto.CompletionRequest)
         self._check_model(req.model)
+        self._warn_ignored(req)
         self._check_stop_ids(req)
         prompts = self._completion_prompts(req.prompt)
         for prompt in prompts:
@@ -225,7 +272,8 @@ class OpenAIServer:
         candidates_stream = self.loop.submit(final.prompt_ids, params)
         await run_to_end(self.loop, candidates_stream, choices.feed_all)
         candidates = [choice["message"] for choice in choices.choices()]
-        prompt = self._render(heavy.aggregation_messages(req.messages, candidates), req.tools)
+        prompt = self._render(heavy.aggregation_messages(req.messages, candidates), req.tools,
+                              _thinking(req))
         room = self.limits.max_seq_len - len(prompt.token_ids)
         if room < 1:
             raise ProtocolError(400, f"heavy: the aggregation prompt has {len(prompt.token_ids)}"
@@ -238,7 +286,7 @@ class OpenAIServer:
 
     async def _chat_response(self, header, req, final: FinalRequest) -> JSONResponse:
         final = await self._prepare(req, final)
-        choices = ChatChoices(req.n, final.prompt_text)
+        choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs)
         await run_to_end(self.loop, self.loop.submit(final.prompt_ids, final.params),
                          choices.feed_all)
         extra = {"heavy": {"candidates": final.candidates}} if final.candidates else {}
@@ -250,13 +298,14 @@ class OpenAIServer:
             for index in range(req.n):
                 yield proto.sse(header.chat_chunk(index, {"role": "assistant", "content": ""}))
             final = await self._prepare(req, final)
-            choices = ChatChoices(req.n, final.prompt_text)
+            choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs)
             stream = self.loop.submit(final.prompt_ids, final.params)
             try:
                 async for deltas in stream:
                     for delta in deltas:
-                        for index, openai_delta, reason in choices.feed(delta):
-                            yield proto.sse(header.chat_chunk(index, openai_delta, reason))
+                        for index, openai_delta, reason, logprobs in choices.feed(delta):
+                            yield proto.sse(header.chat_chunk(index, openai_delta, reason,
+                                                              logprobs))
             finally:
                 if stream.result is None:
                     self.loop.cancel(stream)
@@ -274,8 +323,12 @@ class OpenAIServer:
             for p, stream in enumerate(streams):
                 for c in (await run_to_end(self.loop, stream)).outputs:
                     completion_tokens += len(c.token_ids)
+                    logprobs = None
+                    if params.logprobs is not None and c.logprobs is not None:
+                        logprobs = proto.completion_logprobs(self.tokenizer, c.token_ids,
+                                                             c.logprobs, c.top_logprobs)
                     choices.append(proto.completion_choice(p * params.n + c.index, c.text or "",
-                                                           c.finish_reason))
+                                                           c.finish_reason, logprobs))
         finally:
             for stream in streams:
                 if stream.result is None:
@@ -285,14 +338,21 @@ class OpenAIServer:
 
     async def _completion_events(self, header, prompts, params, include_usage: bool):
         streams = [self.loop.submit(p, params) for p in prompts]
-        completion_tokens = 0
+        completion_tokens, offsets = 0, {}
         try:
             async for p, deltas in merge_streams(streams):
                 for delta in deltas:
                     completion_tokens += len(delta.token_ids)
-                    if delta.text or delta.finish_reason:
+                    index = p * params.n + delta.index
+                    logprobs = None
+                    if delta.logprobs is not None and delta.token_ids:
+                        logprobs = proto.completion_logprobs(
+                            self.tokenizer, delta.token_ids, delta.logprobs,
+                            delta.top_logprobs, offsets.get(index, 0))
+                        offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                    if delta.text or delta.finish_reason or logprobs:
                         yield proto.sse(header.completion_chunk(
-                            p * params.n + delta.index, delta.text or "", delta.finish_reason))
+                            index, delta.text or "", delta.finish_reason, logprobs))
             if include_usage:
                 usage = proto.usage(sum(map(len, prompts)), completion_tokens)
                 yield proto.sse(header.completion_usage_chunk(usage))
@@ -334,9 +394,9 @@ class OpenAIServer:
             raise ProtocolError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", "model_not_found")
 
-    def _render(self, messages, tools):
+    def _render(self, messages, tools, thinking: bool = True):
         try:
-            return chat.render(self.tokenizer, messages, tools)
+            return chat.render(self.tokenizer, messages, tools, thinking=thinking)
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(400, str(e).strip("'\""), "messages") from None
 
@@ -399,6 +459,10 @@ class OpenAIServer:
                                 f"{held} leave room for {max(room, 0)} output tokens{per}, "
                                 f"{requested} requested", "max_tokens", "context_length_exceeded")
         return requested
+
+
+def _thinking(req) -> bool:
+    return req.chat_template_kwargs is None or req.chat_template_kwargs.thinking
 
 
 def _message_chars(messages) -> int:

@@ -9,7 +9,9 @@ The layout, as the released template writes it (see shared/K2_FORMAT.md):
 - assistant bodies `<think>REASONING</think>CONTENT` + tool-call section, with reasoning kept only
   after the last assistant message that has no tool calls (earlier ones get `<think></think>`);
 - tool results `## Return of TOOL_CALL_ID\\nCONTENT`;
-- the generation prompt `<|im_assistant|>assistant<|im_middle|>`.
+- the generation prompt `<|im_assistant|>assistant<|im_middle|>`; with `thinking=False` (not a
+  switch of K2 Thinking's template, which has none: the K2.5/K2.6 templates' `thinking` flag)
+  followed by `<think></think>`, so that the model answers without reasoning.
 
 The renderer keeps control tokens apart from text, so the ids come from the template's own control
 tokens and `tokenizer.encode` of everything else: text from users, tools or the model can never
@@ -54,7 +56,8 @@ class _Segments:
 
 
 def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None, *,
-                add_generation_prompt: bool = True, normalize_tool_call_ids: bool = False) -> str:
+                add_generation_prompt: bool = True, normalize_tool_call_ids: bool = False,
+                thinking: bool = True) -> str:
     """The prompt text for `messages` (and `tools`), as K2 Thinking's template renders it.
 
     Args:
@@ -66,18 +69,19 @@ def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = N
         `functions.NAME:IDX` with IDX counting calls across the conversation; K2 degrades over
         turns when the history holds ids of another shape (`call_xxx`). Off by default: ids
         render verbatim, as the released template does.
+      thinking: False pre-fills an empty `<think></think>` after the generation prompt.
     Raises:
       ValueError: a malformed message or tool, naming its index and field.
     """
-    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids)
+    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking)
     return "".join(text for _, text in segments.parts)
 
 
 def apply_chat_template(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
                         *, add_generation_prompt: bool = True,
-                        normalize_tool_call_ids: bool = False) -> ChatPrompt:
+                        normalize_tool_call_ids: bool = False, thinking: bool = True) -> ChatPrompt:
     """`render_chat` plus token ids from `tokenizer` (a `k2jax.text.tokenizer.K2Tokenizer`)."""
-    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids)
+    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking)
     token_ids = []
     for is_control, text in segments.parts:
         if is_control:
@@ -87,7 +91,8 @@ def apply_chat_template(tokenizer, messages: Sequence[Mapping], tools: Sequence[
     return ChatPrompt("".join(text for _, text in segments.parts), token_ids)
 
 
-def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids) -> _Segments:
+def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
+            thinking=True) -> _Segments:
     _check_tools(tools)
     _check_messages(messages)
     call_ids = _tool_call_ids(messages, normalize_tool_call_ids)
@@ -122,6 +127,9 @@ def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids) -> 
         out.control(st.IM_END)
     if add_generation_prompt:
         _header(out, st.IM_ASSISTANT, "assistant")
+        if not thinking:
+            out.control(st.THINK_BEGIN)
+            out.control(st.THINK_END)
     return out
 
 

@@ -51,6 +51,10 @@ tool = st.fixed_dictionaries(
          {"name": _edge(texts)}, optional={"description": _edge(texts),
                                            "parameters": json_values}))})
 
+bias_keys = st.one_of(st.integers(-5, 2**40).map(str), texts, st.sampled_from(["0", "00", "1e3",
+                                                                              " 5", "+5", "٣"]))
+named_choice = st.fixed_dictionaries({"type": _edge(st.just("function")), "function": _edge(
+    st.fixed_dictionaries({"name": _edge(texts)}))})
 SAMPLING_FIELDS = {
     "max_tokens": _edge(ints), "temperature": _edge(floats), "top_p": _edge(floats),
     "n": _edge(ints), "stop": _edge(st.one_of(texts, st.lists(texts, max_size=20))),
@@ -59,16 +63,24 @@ SAMPLING_FIELDS = {
     "stream_options": _edge(st.fixed_dictionaries({"include_usage": _edge(st.booleans())})),
     "user": _edge(texts), "top_k": _edge(ints), "min_p": _edge(floats),
     "repetition_penalty": _edge(floats), "stop_token_ids": _edge(st.lists(ints, max_size=70)),
+    "logit_bias": _edge(st.dictionaries(bias_keys, _edge(floats), max_size=6)),
 }
 CHAT_FIELDS = {
     **SAMPLING_FIELDS, "tools": _edge(st.lists(tool, max_size=3)),
-    "tool_choice": _edge(st.sampled_from(["auto", "none", "required"])),
+    "tool_choice": _edge(st.one_of(st.sampled_from(["auto", "none", "required"]), named_choice)),
+    "parallel_tool_calls": _edge(st.booleans()),
+    "response_format": _edge(st.fixed_dictionaries({"type": _edge(st.sampled_from(
+        ["text", "json_object", "json_schema"]))})),
+    "chat_template_kwargs": _edge(st.dictionaries(
+        st.sampled_from(["thinking", "enable_thinking", "x"]), json_values, max_size=2)),
     "max_completion_tokens": _edge(ints), "logprobs": _edge(st.booleans()),
+    "top_logprobs": _edge(ints),
     "heavy": _edge(st.fixed_dictionaries({"n": _edge(ints)})),
+    "reasoning_effort": json_values, "metadata": json_values,  # accepted and ignored
     "functions": json_values,  # not a field of this API
 }
 token_lists = st.lists(ints, max_size=20)
-COMPLETION_FIELDS = {**SAMPLING_FIELDS, "echo": _edge(st.booleans())}
+COMPLETION_FIELDS = {**SAMPLING_FIELDS, "echo": _edge(st.booleans()), "logprobs": _edge(ints)}
 prompts = _edge(st.one_of(texts, token_lists, st.lists(texts, max_size=4),
                           st.lists(token_lists, max_size=4)))
 
@@ -118,19 +130,37 @@ VALID_FIELDS = {
     "stop_token_ids": st.lists(st.integers(0, 300), max_size=8),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+    "logit_bias": st.dictionaries(st.integers(0, 511).map(str),
+                                  _within(-100.0, 100.0, FLOAT_EDGES + [100.0, -100.0]),
+                                  max_size=4),
 }
+# Valid for chat only: logprobs, tool choices (the tool is short enough to fit the prompt
+# limit), thinking off, and fields accepted and ignored.
+VALID_CHAT_FIELDS = {
+    "logprobs": st.just(True), "top_logprobs": st.integers(0, 20),
+    "tools": st.just([{"function": {"name": "f"}}]),
+    "tool_choice": st.sampled_from(["auto", "none", "required",
+                                    {"type": "function", "function": {"name": "f"}}]),
+    "parallel_tool_calls": st.booleans(), "response_format": st.just({"type": "text"}),
+    "chat_template_kwargs": st.fixed_dictionaries({"thinking": st.booleans()}),
+    "reasoning_effort": st.sampled_from(["low", "high"]), "user": texts,
+}
+# Valid for completions only.
+VALID_COMPLETION_FIELDS = {"logprobs": st.integers(0, 5)}
 
 
 @st.composite
 def _plausible_body(draw, model: str, chat: bool) -> dict:
     body = {"model": model}
     if chat:
-        body["messages"] = [{"role": "user", "content": draw(texts)}]
+        body["messages"] = [{"role": "system", "content": "."},
+                            {"role": "user", "content": draw(texts)}]
     else:
         body["prompt"] = draw(st.one_of(texts, st.lists(st.integers(0, 255), min_size=1,
                                                          max_size=20)))
-    for name in draw(st.lists(st.sampled_from(sorted(VALID_FIELDS)), unique=True, max_size=6)):
-        body[name] = draw(VALID_FIELDS[name])
+    valid = {**VALID_FIELDS, **(VALID_CHAT_FIELDS if chat else VALID_COMPLETION_FIELDS)}
+    for name in draw(st.lists(st.sampled_from(sorted(valid)), unique=True, max_size=6)):
+        body[name] = draw(valid[name])
     return body
 
 

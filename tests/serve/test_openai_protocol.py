@@ -72,8 +72,16 @@ def _user(text):
 @pytest.mark.parametrize("body, field", [
     (b'{"model": "m", "messages": [', None),
     (b'[1, 2]', None),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {}}',
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 101}}',
      "logit_bias"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "functions": []}',
+     "functions"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 21}',
+     "top_logprobs"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+     b'"response_format": {"type": "xml"}}', "response_format.type"),
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], '
+     b'"chat_template_kwargs": {"enable_thinking": false}}', "chat_template_kwargs.enable_thinking"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 3}',
      "temperature"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 0}', "n"),
@@ -82,7 +90,7 @@ def _user(text):
     (b'{"model": "m", "messages": []}', "messages"),
     (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "heavy": {"n": 1}}',
      "heavy.n"),
-    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}',
+    (b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tool_choice": "sometimes"}',
      "tool_choice"),
 ])
 def test_bad_chat_requests_name_the_field(body, field):
