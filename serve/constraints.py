@@ -22,14 +22,21 @@ before each step for the tokens allowed next, given the tokens generated so far 
   another marker, ending at `<|tool_call_end|>`. After the last allowed call the section end
   and `<|im_end|>` are forced. With `parallel_tool_calls: false` and no call required, output
   is free until the first `<|tool_call_end|>`, then the section is closed.
-- `JsonObject` (in `serve.json_constraint`): `response_format: {"type": "json_object"}`.
+- `JsonObject`: `response_format: {"type": "json_object"}`: the answer is one JSON object,
+  then `<|im_end|>`, checked token by token by llguidance (the library vLLM uses) through a
+  dense bitmask. K2 Thinking reasons first here too: a completion may open with `<think>`
+  (or the prompt opened it) and reason freely, but neither stop nor call tools, until
+  `</think>`; with thinking off the JSON starts at once. Tools cannot be called.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 from collections.abc import Sequence
+
+import numpy as np
 
 from k2jax.text import special_tokens as st
 from serve.sampling import TokenMask
@@ -210,6 +217,75 @@ class _ToolCallState:
         if prefix in self._candidates[self.calls]:
             allowed.add(self.m.argument_begin)
         return TokenMask(tuple(sorted(allowed)))
+
+
+@functools.lru_cache(maxsize=4)
+def _llg_tokenizer(tokenizer):
+    """llguidance's view of `tokenizer` (about a second for K2's vocabulary: made once)."""
+    import llguidance.tiktoken
+
+    return llguidance.tiktoken.lltokenizer_from_encoding(
+        tokenizer.tiktoken_encoding, n_vocab=tokenizer.vocab_size, eos_token=tokenizer.im_end_id)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class JsonObject:
+    """The factory of one completion's `response_format: json_object` constraint."""
+
+    tokenizer: object
+    starts: str = "turn"
+
+    def __post_init__(self):
+        import llguidance
+
+        object.__setattr__(self, "_llg", _llg_tokenizer(self.tokenizer))
+        object.__setattr__(self, "_grammar",
+                           llguidance.LLMatcher.grammar_from_json_schema({"type": "object"}))
+        object.__setattr__(self, "_markers", Markers.of(self.tokenizer))
+
+    def __call__(self) -> "_JsonState":
+        import llguidance
+
+        return _JsonState(llguidance.LLMatcher(self._llg, self._grammar), self._markers,
+                          self.starts, self.tokenizer.vocab_size)
+
+
+class _JsonState:
+    def __init__(self, matcher, markers: Markers, starts: str, vocab: int):
+        self.matcher, self.m, self.words = matcher, markers, -(-vocab // 32)
+        self.phase = {"reasoning": "reasoning", "content": "json", "turn": "start"}[starts]
+        self._seen = 0
+
+    def next_mask(self, generated: Sequence[int]) -> TokenMask | None:
+        for token in generated[self._seen:]:
+            self._advance(token)
+        self._seen = len(generated)
+        if self.phase == "reasoning":
+            return TokenMask((*self.m.stops, self.m.section_begin, self.m.call_begin), deny=True)
+        if self.phase == "done":
+            return None
+        if self.matcher.is_stopped():  # the JSON is complete: the turn ends
+            return TokenMask((self.m.im_end,))
+        words = np.frombuffer(self.matcher.compute_bitmask(), np.int32)[:self.words].copy()
+        if self.phase == "start":
+            words[self.m.think_begin // 32] |= np.int32(np.uint32(1 << self.m.think_begin % 32)
+                                                        .view(np.int32))
+        return TokenMask(bitmask=words)
+
+    def _advance(self, token: int) -> None:
+        if self.phase == "start" and token == self.m.think_begin:
+            self.phase = "reasoning"
+        elif self.phase == "reasoning":
+            if token == self.m.think_end:
+                self.phase = "json"
+        elif self.phase != "done":
+            if self.matcher.is_stopped():
+                self.phase = "done"
+                return
+            self.phase = "json"
+            if not self.matcher.consume_token(token) or self.matcher.is_error():
+                raise ValueError(f"response_format: token {token} breaks the JSON "
+                                 f"({self.matcher.get_error()})")
 
 
 def prompt_starts(prompt_text: str) -> str:

@@ -33,13 +33,13 @@ ignored, named in one logged warning per request):
   chat            messages, tools, tool_choice ("auto", "none", "required", {"type":
                   "function", "function": {"name"}}), parallel_tool_calls,
                   max_completion_tokens, logprobs, top_logprobs [0, 20], response_format
-                  ({"type": "text"}), chat_template_kwargs ({"thinking": bool}),
+                  ({"type": "text" | "json_object"}), chat_template_kwargs ({"thinking": bool}),
                   heavy {"n": 2..16} (`serve.heavy`)
   completions     prompt: text, token ids, or a list of either; echo (false only);
                   logprobs [0, 5]
 Chat logprobs cover every generated token (reasoning and tool-call section too, as vLLM);
-`tool_choice` other than "auto" and `parallel_tool_calls: false` constrain decoding
-(`serve.constraints`).
+`tool_choice` other than "auto", `parallel_tool_calls: false` and `response_format:
+json_object` (llguidance; no tool calls then) constrain decoding (`serve.constraints`).
 `finish_reason` is "length" when cut by max_tokens or the context (reasoning counts against
 max_tokens), "tool_calls" when the message calls tools, else "stop". Usage counts the prompt
 and every generated token, the stop token included.
@@ -219,9 +219,13 @@ class OpenAIServer:
                                             prompt.token_ids)
         earlier_calls = sum(len(m.get("tool_calls") or ()) for m in req.messages
                             if m.get("role") == "assistant")
-        constraint = constraints.for_tool_choice(self.tokenizer, tool_choice, req.tools,
-                                                 req.parallel_tool_calls, prompt.text,
-                                                 earlier_calls)
+        if _wants_json(req):
+            constraint = constraints.JsonObject(self.tokenizer,
+                                                constraints.prompt_starts(prompt.text))
+        else:
+            constraint = constraints.for_tool_choice(self.tokenizer, tool_choice, req.tools,
+                                                     req.parallel_tool_calls, prompt.text,
+                                                     earlier_calls)
         return req, prompt, reserved, constraint
 
     def _check_chat_options(self, req) -> str | None:
@@ -229,10 +233,11 @@ class OpenAIServer:
         "none", "required", a function name, or None."""
         if req.top_logprobs is not None and not req.logprobs:
             raise ProtocolError(400, "top_logprobs: needs logprobs set to true", "top_logprobs")
-        if req.response_format is not None and req.response_format.type == "json_object":
-            raise ProtocolError(400, "response_format: json_object is not supported by this "
-                                "server", "response_format")
         choice = req.tool_choice
+        if _wants_json(req) and (choice == "required" or isinstance(choice,
+                                                                     proto.NamedToolChoice)):
+            raise ProtocolError(400, "response_format: a json_object answer cannot also be a "
+                                "required tool call", "response_format")
         if isinstance(choice, proto.NamedToolChoice):
             choice = choice.function.name
             names = [t.get("function", {}).get("name") for t in req.tools or ()
@@ -459,6 +464,10 @@ class OpenAIServer:
                                 f"{held} leave room for {max(room, 0)} output tokens{per}, "
                                 f"{requested} requested", "max_tokens", "context_length_exceeded")
         return requested
+
+
+def _wants_json(req) -> bool:
+    return req.response_format is not None and req.response_format.type == "json_object"
 
 
 def _thinking(req) -> bool:

@@ -113,6 +113,12 @@ class K2Tokenizer:
             path = os.path.join(path, TIKTOKEN_FILE_NAME)
         return cls(load_ranks(path))
 
+    @property
+    def tiktoken_encoding(self) -> tiktoken.Encoding:
+        """The underlying `tiktoken.Encoding` (for libraries that build on it, such as
+        constrained-decoding grammars); its special tokens are this tokenizer's."""
+        return self._encoding
+
     def special_id(self, token: str) -> int:
         """The id of a control token by its text, e.g. `special_id("<|im_end|>")`."""
         try:

@@ -141,7 +141,7 @@ VALID_CHAT_FIELDS = {
     "tools": st.just([{"function": {"name": "f"}}]),
     "tool_choice": st.sampled_from(["auto", "none", "required",
                                     {"type": "function", "function": {"name": "f"}}]),
-    "parallel_tool_calls": st.booleans(), "response_format": st.just({"type": "text"}),
+    "parallel_tool_calls": st.booleans(), "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}]),
     "chat_template_kwargs": st.fixed_dictionaries({"thinking": st.booleans()}),
     "reasoning_effort": st.sampled_from(["low", "high"]), "user": texts,
 }

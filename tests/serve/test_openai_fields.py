@@ -162,6 +162,24 @@ def test_response_format(client, served):
     text = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
                                           response_format={"type": "text"})
     assert text.choices[0].finish_reason in {"stop", "length"}
+    tokenizer = served[0]
+    request = dict(model=MODEL, messages=CHAT, max_tokens=20, extra_body=NO_THINKING,
+                   response_format={"type": "json_object"})
+    closing = {str(tokenizer.token_to_id("}")): 100}
+    answer = client.chat.completions.create(**request, logit_bias=closing).choices[0]
+    assert (answer.message.content, answer.finish_reason) == ("{}", "stop")
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        **request, logit_bias=closing, stream=True) if c.choices)
+    assert streamed == "{}"
+    free = client.chat.completions.create(**request, seed=1).choices[0]
+    if free.finish_reason == "stop":
+        assert isinstance(json.loads(free.message.content), dict)
+    else:
+        assert free.message.content.startswith("{")
+    refused = _post(served, "/v1/chat/completions", {
+        "messages": CHAT, "tools": TOOLS, "tool_choice": "required",
+        "response_format": {"type": "json_object"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "response_format"
 
 
 # ---- tool_choice, parallel_tool_calls -----------------------------------------------------------

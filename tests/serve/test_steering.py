@@ -140,3 +140,32 @@ def test_tool_choice_none_denies_the_section():
                                        "x", 0) is None
     assert constraints.prompt_starts("a<think></think>") == "content"
     assert constraints.prompt_starts("a<think>") == "reasoning"
+
+
+def test_json_object_reasons_first_then_allows_only_json():
+    from k2jax.text.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    think, end_think = tokenizer.special_id("<think>"), tokenizer.special_id("</think>")
+
+    def allowed(mask):
+        return {i for i in range(tokenizer.vocab_size)
+                if (int(mask.bitmask[i // 32]) >> (i % 32)) & 1}
+
+    def texts(mask):
+        return {tokenizer.id_to_token(i) for i in allowed(mask)}
+
+    state = constraints.JsonObject(tokenizer, "turn")()
+    first = texts(state.next_mask([]))
+    assert {"{", "<think>"} <= first and all(t.startswith(("{", "<think>")) for t in first)
+    reasoning = [think, *tokenizer.encode("hmm")]
+    mask = state.next_mask(reasoning)
+    assert mask.deny and tokenizer.im_end_id in mask.ids  # reasoning may not stop
+    answer = reasoning + [end_think] + tokenizer.encode('{"a": [1')
+    assert tokenizer.token_to_id("]") in allowed(state.next_mask(answer))
+    assert tokenizer.token_to_id("}") not in allowed(state.next_mask(answer))
+    done = answer + tokenizer.encode("]}")
+    assert state.next_mask(done) == TokenMask((tokenizer.im_end_id,))
+    assert state.next_mask(done + [tokenizer.im_end_id]) is None
+    off = constraints.JsonObject(tokenizer, "content")()
+    assert "<think>" not in texts(off.next_mask([])) and "{" in texts(off.next_mask([]))
