@@ -14,7 +14,8 @@ before each step for the tokens allowed next, given the tokens generated so far 
       <|tool_calls_section_end|> <|im_end|>
 
   When a call is required, K2 Thinking reasons first: a completion that starts outside
-  reasoning may begin with `<think>` (and reason freely, without stopping, until `</think>`,
+  reasoning may begin with `<think>` (and reason freely, without stopping or a call outside a
+  section, until `</think>` or the section begin,
   after which the section is forced) or go straight into the section, as the model itself does;
   with thinking off (the prompt pre-fills `<think></think>`) the section is forced at once. The
   call ids are forced token by token to `functions.NAME:IDX`, NAME one of the allowed names and
@@ -151,8 +152,8 @@ class _ToolCallState:
             return None
         if phase is _Phase.START:
             return TokenMask((m.think_begin, m.section_begin))
-        if phase is _Phase.REASONING:
-            return TokenMask(m.stops, deny=True)
+        if phase is _Phase.REASONING:  # no stopping, and calls only inside a section
+            return TokenMask((*m.stops, m.call_begin, m.section_end), deny=True)
         if phase is _Phase.OPEN_SECTION:
             return TokenMask((m.section_begin,))
         if phase is _Phase.SECTION:

@@ -109,7 +109,7 @@ def test_required_call_reasons_first_and_chooses_among_names():
     state = spec()
     assert state.next_mask([]) == TokenMask((100, 102))
     reasoning = [100, 250, 251]
-    assert state.next_mask(reasoning) == TokenMask(MARKERS.stops, deny=True)
+    assert state.next_mask(reasoning) == TokenMask((107, 108, 104, 103), deny=True)
     after = reasoning + [101]
     assert state.next_mask(after) == TokenMask((102,))
     prefix = after + [102, 104, *_encode("functions.a")]
