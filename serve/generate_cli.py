@@ -1,8 +1,9 @@
 """`k2jax generate`: batched generation from the command line.
 
-Prompts are token ids for now (`--prompt-ids`, repeated for a batch); text prompts plug in
-through `serve.generation.generate(tokenizer=...)` once a tokenizer is given. The model is a
-checkpoint or a preset with random weights.
+Prompts are text (`--prompt`, encoded with the checkpoint's tokenizer or `--tokenizer`; with
+`--chat` each is one user message rendered with the K2 chat template, and the answer is parsed
+into reasoning, content and tool calls) or token ids (`--prompt-ids`); repeat either for a
+batch. The model is a checkpoint or a preset with random weights.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import json
 import time
 
 EXAMPLE = """example (random weights, CPU, well under a minute):
+  k2jax generate --preset tiny --prompt "The capital of France is" --max-new-tokens 8
+  k2jax generate --preset tiny --chat --prompt "What is 2 + 2?" --max-new-tokens 16
   k2jax generate --preset tiny --prompt-ids 1,2,3 --prompt-ids 4,5,6,7 --max-new-tokens 8
   k2jax generate --preset tiny --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 0 --n 2
 """
@@ -40,8 +43,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", help="compute dtype of a --preset model (default: float32 "
                         "on CPU, where bfloat16 matmuls are emulated; else the preset's)")
     parser.add_argument("--weights-seed", type=int, default=0, help="seed of random weights")
-    parser.add_argument("--prompt-ids", type=_ids, action="append", required=True,
-                        help="comma-separated token ids of one prompt; repeat for a batch")
+    prompts = parser.add_mutually_exclusive_group(required=True)
+    prompts.add_argument("--prompt", action="append", metavar="TEXT",
+                         help="a text prompt; repeat for a batch")
+    prompts.add_argument("--prompt-ids", type=_ids, action="append",
+                         help="comma-separated token ids of one prompt; repeat for a batch")
+    parser.add_argument("--chat", action="store_true",
+                        help="each --prompt is a user message, rendered with the chat template")
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="tiktoken.model (or its directory); default: the checkpoint's, or "
+                             "the test tokenizer for presets")
     s = parser.add_argument_group("sampling (as vLLM SamplingParams / HF generate)")
     s.add_argument("--max-new-tokens", "--max-tokens", type=int, dest="max_new_tokens")
     s.add_argument("--temperature", type=float, help="0 is greedy (default 1.0)")
@@ -66,47 +77,96 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _model(args):
-    if args.checkpoint:
-        import k2jax
-
-        return k2jax.load(args.checkpoint)
+    """`(config, params, tokenizer)`; the tokenizer is None for token-id prompts."""
     import jax
 
     import k2jax
 
+    text = args.prompt is not None
+    if args.checkpoint:
+        config, params = k2jax.load(args.checkpoint)
+        tokenizer = None
+        if text:
+            from k2jax.text import load_tokenizer
+
+            try:
+                tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e} (--tokenizer PATH)") from None
+        return config, params, tokenizer
     config = k2jax.ModelConfig.preset(args.preset)
     dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else config.dtype)
     config = config.replace(dtype=dtype)
-    return config, k2jax.init_params(config, jax.random.key(args.weights_seed))
+    tokenizer = None
+    if text:
+        from serve.server_cli import preset_and_tokenizer
+
+        config, tokenizer = preset_and_tokenizer(config, args.preset, args.tokenizer)
+    return config, k2jax.init_params(config, jax.random.key(args.weights_seed)), tokenizer
+
+
+def _check_args(args) -> None:
+    if args.chat and args.prompt is None:
+        raise ValueError("--chat takes text prompts (--prompt TEXT), not --prompt-ids")
+    if args.chat and args.stream:
+        raise ValueError("--stream prints token deltas; with --chat, leave --stream out and "
+                         "the parsed answer is printed at the end")
+    if args.tokenizer and args.prompt is None:
+        raise ValueError("--tokenizer encodes --prompt TEXT; token-id prompts need none")
+
+
+def _print_chat(results) -> None:
+    for i, r in enumerate(results):
+        for o in r.outputs:
+            print(f"conversation {i}.{o.index} [{o.finish_reason}]")
+            if o.reasoning_content:
+                print(f"  reasoning: {o.reasoning_content}")
+            print(f"  content: {o.content}")
+            for call in o.tool_calls or []:
+                print(f"  tool call: {json.dumps(call, ensure_ascii=False)}")
 
 
 def run(args: argparse.Namespace) -> int:
     from serve import generation
 
+    _check_args(args)
     options = {k: getattr(args, k) for k in SAMPLING_OPTIONS + ENGINE_OPTIONS
                if getattr(args, k) is not None}
-    model = _model(args)
+    config, params, tokenizer = _model(args)
+    prompts = args.prompt_ids if args.prompt is None else args.prompt
+    if args.chat:
+        prompts = [[{"role": "user", "content": text}] for text in prompts]
     start = time.perf_counter()
     if args.stream:
         tokens = 0
-        for delta in generation.stream(model, args.prompt_ids, **options):
+        for delta in generation.stream((config, params), prompts, tokenizer=tokenizer,
+                                       **options):
             tokens += len(delta.token_ids)
             end = f" [{delta.finish_reason}]" if delta.finish_reason else ""
-            print(f"prompt {delta.request_id}.{delta.index}: {delta.token_ids}{end}", flush=True)
+            shown = delta.token_ids if delta.text is None else repr(delta.text)
+            print(f"prompt {delta.request_id}.{delta.index}: {shown}{end}", flush=True)
     else:
-        results = generation.generate(model, args.prompt_ids, **options)
+        results = generation.generate((config, params), prompts, tokenizer=tokenizer, **options)
         tokens = sum(len(o.token_ids) for r in results for o in r.outputs)
         if args.json:
             print(json.dumps([{"prompt_token_ids": r.prompt_token_ids,
-                               "outputs": [vars(o) for o in r.outputs]} for r in results]))
+                               "outputs": [_jsonable(o) for o in r.outputs]} for r in results]))
+        elif args.chat:
+            _print_chat(results)
         else:
             for i, r in enumerate(results):
                 for o in r.outputs:
+                    shown = ' '.join(map(str, o.token_ids)) if o.text is None else repr(o.text)
                     print(f"prompt {i}.{o.index} ({len(r.prompt_token_ids)} tokens) -> "
-                          f"{len(o.token_ids)} tokens [{o.finish_reason}]: "
-                          f"{' '.join(map(str, o.token_ids))}")
+                          f"{len(o.token_ids)} tokens [{o.finish_reason}]: {shown}")
     seconds = time.perf_counter() - start
     if not args.json:
         print(f"{tokens} tokens in {seconds:.2f} s, compilation included "
               f"({tokens / seconds:.1f} tokens/s)")
     return 0
+
+
+def _jsonable(completion) -> dict:
+    import dataclasses
+
+    return {k: v for k, v in dataclasses.asdict(completion).items()}

@@ -4,7 +4,8 @@
     results[0].token_ids, results[0].finish_reason
 
 The model is a checkpoint path (read with `k2jax.load`) or a `(config, params)` pair. Prompts
-are token-id lists; text prompts need a `tokenizer` (anything with `encode(text) -> ids` and
+are token-id lists; text prompts need a `tokenizer` (a `K2Tokenizer`, e.g. from
+`k2jax.text.load_tokenizer(path)`, the path itself, or anything with `encode(text) -> ids` and
 `decode(ids) -> text`), which also fills `text` and enables `stop` strings. Sampling parameters
 are keyword arguments named as in vLLM's `SamplingParams` / HF `generate()` (see
 `serve.sampling.SamplingParams`), or `sampling_params=` one `SamplingParams` or one per prompt.
@@ -35,6 +36,15 @@ def load_model(model_or_checkpoint):
         return model_or_checkpoint
     raise TypeError("model must be a checkpoint path or a (config, params) pair, got "
                     f"{type(model_or_checkpoint).__name__}")
+
+
+def as_tokenizer(tokenizer):
+    """`tokenizer`, or the K2 tokenizer at it when it is a path (file or directory)."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        from k2jax.text import load_tokenizer
+
+        return load_tokenizer(tokenizer)
+    return tokenizer
 
 
 def _prompt_list(prompts, tokenizer) -> list[list[int]]:
@@ -91,6 +101,7 @@ def stream(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=None
 
     `StreamDelta.request_id` is the prompt's index in `prompts`.
     """
+    tokenizer = as_tokenizer(tokenizer)
     engine_options, sampling_kwargs = _split_options(dict(kwargs))
     prompt_ids = _prompt_list(prompts, tokenizer)
     params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
@@ -120,7 +131,8 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
         tokenizer). A conversation (a list of OpenAI message dicts) or a list of them goes to
         `serve.chat.generate_chat`: rendered with the chat template, results parsed into
         `reasoning_content`, `content` and `tool_calls` (`tools=` and `heavy=` accepted there).
-      tokenizer: optional; encodes text prompts, decodes `text`, enables `stop` strings.
+      tokenizer: optional; encodes text prompts, decodes `text`, enables `stop` strings; a
+        path is read with `k2jax.text.load_tokenizer`.
       sampling_params: a `SamplingParams` or one per prompt (instead of keyword arguments).
       **kwargs: sampling parameters (`max_new_tokens`/`max_tokens`, `temperature`, `top_p`,
         `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `n`,
@@ -130,6 +142,7 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
     """
     from serve import chat  # chat builds on this module
 
+    tokenizer = as_tokenizer(tokenizer)
     if chat.is_chat(prompts):
         return chat.generate_chat(model_or_checkpoint, prompts, tokenizer=tokenizer,
                                   sampling_params=sampling_params, **kwargs)

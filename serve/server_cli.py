@@ -63,31 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def load_model_and_tokenizer(args):
     """`(config, params, tokenizer, model_name)` from the command-line arguments."""
     import k2jax
-    from k2jax.text.testing import tiny_tokenizer
-    from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME, K2Tokenizer
+    from k2jax.text import load_tokenizer
 
     if args.checkpoint:
         config, params = k2jax.load(args.checkpoint)
         name = os.path.basename(os.path.normpath(args.checkpoint))
-        bundled = os.path.join(args.checkpoint, TIKTOKEN_FILE_NAME)
-        tokenizer_path = args.tokenizer or (bundled if os.path.exists(bundled) else None)
-        if tokenizer_path is None:
-            raise ValueError(f"no {TIKTOKEN_FILE_NAME} in {args.checkpoint}; give --tokenizer")
-        tokenizer = K2Tokenizer.from_file(tokenizer_path)
+        try:
+            tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"{e} (--tokenizer PATH)") from None
     else:
         config = k2jax.ModelConfig.preset(args.preset)
         name = f"k2jax-{args.preset}"
-        if args.tokenizer:
-            tokenizer = K2Tokenizer.from_file(args.tokenizer)
-        else:
-            tokenizer = tiny_tokenizer(min(config.vocab_size, TEST_TOKENIZER_MAX_VOCAB))
-            print(f"note: --preset {args.preset} has no tokenizer: using the {tokenizer.vocab_size}"
-                  "-id test tokenizer (k2jax.text.testing.tiny_tokenizer); the weights are "
-                  "random, so the text is too", file=sys.stderr)
-        if tokenizer.vocab_size < config.vocab_size:
-            print(f"note: the random model's vocabulary is cut from {config.vocab_size} to the "
-                  f"tokenizer's {tokenizer.vocab_size} ids", file=sys.stderr)
-        config = preset_for_tokenizer(config, tokenizer)
+        config, tokenizer = preset_and_tokenizer(config, args.preset, args.tokenizer)
         params = random_params(config, args.seed)
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
@@ -119,6 +107,25 @@ def random_params(config, seed: int = 0):
         return jax.numpy.asarray(values, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, k2jax.param_shapes(config))
+
+
+def preset_and_tokenizer(config, preset: str, tokenizer_path=None):
+    """A random-weights preset and its tokenizer: the one at `tokenizer_path`, else the test
+    tokenizer (said on stderr); the config's vocabulary becomes the tokenizer's."""
+    from k2jax.text import load_tokenizer
+    from k2jax.text.testing import tiny_tokenizer
+
+    if tokenizer_path:
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = tiny_tokenizer(min(config.vocab_size, TEST_TOKENIZER_MAX_VOCAB))
+        print(f"note: --preset {preset} has no tokenizer: using the {tokenizer.vocab_size}"
+              "-id test tokenizer (k2jax.text.testing.tiny_tokenizer); the weights are "
+              "random, so the text is too", file=sys.stderr)
+    if tokenizer.vocab_size < config.vocab_size:
+        print(f"note: the random model's vocabulary is cut from {config.vocab_size} to the "
+              f"tokenizer's {tokenizer.vocab_size} ids", file=sys.stderr)
+    return preset_for_tokenizer(config, tokenizer), tokenizer
 
 
 def preset_for_tokenizer(config, tokenizer):
