@@ -55,16 +55,17 @@ PRESETS = {
         rope_theta=10000.0, rope_scaling=_yarn(40.0), max_position_embeddings=163840,
         bos_token_id=0, eos_token_id=1, model_type="deepseek_v3"),
     # Three layers (one dense), eight experts in two groups with group-limited routing, q-lora,
-    # yarn past a 32-token original context: every feature, in well under a second.
+    # yarn past a 1024-token original context: every feature, in well under a second, with a
+    # context (4096) that holds the chat template's tool and heavy-mode prompts.
     "tiny": ModelConfig(
         vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
         num_hidden_layers=3, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
         kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=2.5, rope_theta=50000.0,
-        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=32,
+        rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=1024,
                                  mscale=1.0, mscale_all_dim=1.0),
-        max_position_embeddings=128, bos_token_id=1, eos_token_id=2),
+        max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
     # ~270M parameters (52M active per token), K2's shape ratios: the default demo and benchmarks.
     "small": ModelConfig(
         vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,

@@ -16,7 +16,11 @@ from tests.hf_reference import hf_logits, hf_routing, params_from_hf_model, rand
 
 RTOL = 1e-4
 
-_TINY = k2jax.ModelConfig.preset("tiny")
+# YaRN past a 32-token original context, so that 48-token sequences run beyond it.
+_TINY = k2jax.ModelConfig.preset("tiny").replace(
+    max_position_embeddings=128,
+    rope_scaling=k2jax.RopeScaling(factor=4.0, original_max_position_embeddings=32,
+                                   mscale=1.0, mscale_all_dim=1.0))
 # K2's yarn has beta_fast = beta_slow = 1.
 K2_STYLE = _TINY.replace(
     dtype="float32", n_group=1, topk_group=1, n_routed_experts=12, num_experts_per_tok=3,
