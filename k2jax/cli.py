@@ -2,13 +2,18 @@
 
 Each subcommand lives with the package that does its work and exposes `add_arguments(parser)`
 and `run(args) -> int`; only the chosen one is imported, so `k2jax convert` never loads the
-server. Errors that are the user's (bad paths, bad configs) print one line, no traceback.
+server. Errors that are the user's (bad paths, bad configs, bad meshes) print one line,
+`k2jax COMMAND: error: ...`, and exit with status 2, argparse style: `UserError`, a missing file,
+or a `ValueError` that this project's code raised. A `ValueError` raised inside a library (JAX,
+flax, numpy, ...) is a bug and keeps its traceback, as does every other exception; set
+`K2JAX_TRACEBACK=1` to see the traceback of user errors too.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help)
@@ -24,6 +29,27 @@ COMMANDS = {
 
 class UserError(Exception):
     """An error in the user's input: printed as one line, exit status 2."""
+
+
+# Top-level packages whose own `ValueError`s are messages for the user.
+_OWN_PACKAGES = frozenset({"k2jax", "serve", "train", "convert", "__main__"})
+
+
+def _user_error_message(e: BaseException) -> str | None:
+    """The one line to print for a user's error, or None for an internal one (traceback)."""
+    if isinstance(e, UserError):
+        return str(e)
+    if isinstance(e, FileNotFoundError):
+        if e.filename is not None and e.strerror:  # "[Errno 2] No such file ...: 'x'"
+            return f"{e.filename}: {e.strerror[:1].lower()}{e.strerror[1:]}"
+        return str(e)
+    if isinstance(e, ValueError):
+        tb = e.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+        return str(e) if module.split(".")[0] in _OWN_PACKAGES else None
+    return None
 
 
 def _top_level_parser() -> argparse.ArgumentParser:
@@ -60,9 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except (UserError, FileNotFoundError, ValueError) as e:
-        print(f"k2jax {name}: error: {e}", file=sys.stderr)
+        message = _user_error_message(e)
+        if message is None or os.environ.get("K2JAX_TRACEBACK"):
+            raise
+        print(f"k2jax {name}: error: {message}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m k2jax.cli`: run the importable module, whose `UserError` the commands raise.
+    from k2jax.cli import main as _main
+
+    sys.exit(_main())

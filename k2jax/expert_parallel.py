@@ -60,9 +60,14 @@ def _names(entry) -> tuple[str, ...]:
 
 
 def expert_axes(mesh, num_experts: int) -> tuple[str, ...]:
-    """Mesh axes (size > 1) that split `E` experts: the expert-parallel group; () if none."""
+    """Mesh axes (size > 1) that split `E` experts: the expert-parallel group; () if none.
+
+    Raises `sharding.MeshError` when the group's axes do not split `E` evenly, rather than
+    running with the experts replicated."""
     if mesh is None:
         return ()
+    wanted = _names(sharding.logical_spec(("expert",), mesh)[0])
+    sharding.check_split(mesh, "routed experts", num_experts, wanted)
     return _names(sharding.logical_spec(("expert",), mesh, (num_experts,))[0])
 
 

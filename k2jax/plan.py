@@ -48,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", required=True,
                         help="preset name (kimi-k2-thinking, deepseek-v3, tiny, ...) or a "
                              "config.json / model directory")
-    parser.add_argument("--mesh", required=True, help="mesh axis sizes, e.g. expert=8,tensor=2")
+    parser.add_argument("--mesh", default=None,
+                        help="mesh axis sizes, e.g. expert=8,tensor=2 (default: one device); "
+                             "each axis must split the model dimensions it shards")
     parser.add_argument("--mode", choices=("serve", "train"), default="serve")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--seq", type=int, default=4096,
@@ -72,11 +74,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from k2jax import sharding
+    from k2jax.cli import UserError
 
-    devices = sharding.device_count(args.mesh)
+    # Both are checked here, before a child process spends seconds starting JAX.
+    config = load_config(args.config)
+    try:
+        devices = sharding.device_count(args.mesh)
+        sharding.check_mesh(config, args.mesh)
+    except sharding.MeshError as e:
+        raise UserError(f"--mesh {args.mesh}: {e.reason}") from None
     if not args.native and not os.environ.get(_CHILD_ENV):
         return _rerun_with_cpu_devices(args, devices)
-    report = plan(load_config(args.config), args.mesh, mode=args.mode, batch=args.batch,
+    report = plan(config, args.mesh, mode=args.mode, batch=args.batch,
                   seq=args.seq, prefill=args.prefill, remat=args.remat, dispatch=args.dispatch,
                   capacity_factor=args.capacity_factor, hbm_gib=args.hbm)
     report["config"] = args.config
@@ -103,10 +112,26 @@ def _rerun_with_cpu_devices(args, devices: int) -> int:
 
 
 def load_config(name: str):
-    from k2jax.config import ModelConfig
+    """A preset by name, or a config.json / model directory; `UserError` naming `--config`."""
+    from k2jax.cli import UserError
+    from k2jax.config import ConfigError, ModelConfig
     from k2jax.presets import PRESETS
 
-    return ModelConfig.preset(name) if name in PRESETS else ModelConfig.from_hf(name)
+    if name in PRESETS:
+        return ModelConfig.preset(name)
+    if not os.path.exists(name):
+        raise UserError(f"--config {name}: no such file or directory (and not a preset: "
+                        f"{', '.join(sorted(PRESETS))})")
+    path = os.path.join(name, "config.json") if os.path.isdir(name) else name
+    if not os.path.isfile(path):
+        raise UserError(f"--config {name}: no config.json in this directory")
+    try:
+        return ModelConfig.from_hf(path)
+    except ConfigError as e:
+        reason = str(e).removeprefix(f"{path}: ")
+        raise UserError(f"--config {name}: {reason}") from None
+    except OSError as e:
+        raise UserError(f"--config {name}: {e.strerror or e}") from None
 
 
 def _bytes(shape, dtype) -> float:
@@ -343,10 +368,10 @@ def format_report(r: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="k2jax plan", epilog=EXAMPLE,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m k2jax.plan ...` (the re-run child too): `k2jax plan ...`, errors and all."""
+    from k2jax.cli import main as cli_main
+
+    return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ Mesh axes are `MESH_AXES = ("data", "fsdp", "expert", "tensor")`; any may have s
 API:
   MESH_AXES, RULES                      the axes and the one rules table (params and activations)
   parse_mesh_shape(spec) -> dict        "expert=8,tensor=2" or a dict -> sizes of all four axes
+  MeshError                             a `ValueError` naming the mesh and what is wrong with it
+  check_mesh(config, mesh)              raises `MeshError` where an axis cannot split the model
+                                        dimensions the rules give it (never replicate silently)
+  model_dims(config)                    those dimensions: (what, size, mesh axes)
   initialize_distributed(force=None)    `jax.distributed.initialize()` when asked or when the
                                         environment says this is one of several processes
   make_mesh(shape, devices=None)        a `Mesh` over all devices (topology-aware order)
@@ -20,7 +24,8 @@ API:
                                         that divide the dimension in every one of `shapes`
   param_specs(config, mesh), param_shardings(config, mesh, params=None)
                                         per-leaf specs / `NamedSharding`s of the parameter tree
-                                        (`QuantizedWeight` values and scale split alike)
+                                        (`QuantizedWeight` values and scale split alike), after
+                                        `check_mesh`
   shard_params(params, config, mesh)    `jax.device_put` onto those shardings
   optimizer_shardings(opt_state, param_shardings, mesh)
                                         optax state: params-shaped subtrees sharded like params,
@@ -78,6 +83,20 @@ RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 CACHE_AXES = ("layers", "batch", "cache_length", "kv_lora")
 
 
+class MeshError(ValueError):
+    """A mesh spec that is malformed or does not fit the model: `"mesh SPEC: REASON"`."""
+
+    def __init__(self, mesh: str, reason: str):
+        super().__init__(f"mesh {mesh}: {reason}")
+        self.mesh, self.reason = mesh, reason
+
+
+def _spec_text(spec) -> str:
+    if isinstance(spec, str):
+        return spec
+    return ",".join(f"{a}={n}" for a, n in dict(spec or {}).items()) or "single"
+
+
 def parse_mesh_shape(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     """`"expert=8,tensor=2"` (or `{"expert": 8, "tensor": 2}`) -> sizes of all of `MESH_AXES`."""
     if spec is None or spec == "":
@@ -87,20 +106,82 @@ def parse_mesh_shape(spec: str | Mapping[str, int] | None) -> dict[str, int]:
         for part in spec.split(","):
             m = re.fullmatch(r"\s*(\w+)\s*=\s*(\d+)\s*", part)
             if not m:
-                raise ValueError(f"mesh {spec!r}: expected comma-separated axis=size, e.g. "
-                                 f"'expert=8,tensor=2'")
+                raise MeshError(spec, "expected comma-separated axis=size, e.g. "
+                                      "'expert=8,tensor=2'")
             if m.group(1) in sizes:
-                raise ValueError(f"mesh {spec!r}: axis {m.group(1)!r} given twice")
+                raise MeshError(spec, f"axis {m.group(1)!r} given twice")
             sizes[m.group(1)] = int(m.group(2))
     else:
         sizes = dict(spec)
     unknown = set(sizes) - set(MESH_AXES)
     if unknown:
-        raise ValueError(f"mesh axes {sorted(unknown)} unknown; the axes are {MESH_AXES}")
+        raise MeshError(_spec_text(spec),
+                        f"axes {sorted(unknown)} unknown; the axes are {MESH_AXES}")
     bad = {k: v for k, v in sizes.items() if not isinstance(v, int) or v < 1}
     if bad:
-        raise ValueError(f"mesh axis sizes must be positive ints, got {bad}")
+        raise MeshError(_spec_text(spec), f"axis sizes must be positive ints, got {bad}")
     return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+
+
+def _mesh_sizes(mesh) -> dict[str, int]:
+    """Sizes of all of `MESH_AXES` of a `Mesh`/`AbstractMesh` or a mesh spec."""
+    if hasattr(mesh, "axis_names"):
+        sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        return {axis: sizes.get(axis, 1) for axis in MESH_AXES}
+    return parse_mesh_shape(mesh)
+
+
+def _divisors(n: int, limit: int = 12) -> str:
+    found = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, found[:limit])) + (", ..." if len(found) > limit else "")
+
+
+def model_dims(config) -> list[tuple[str, int, tuple[str, ...]]]:
+    """(what, size, mesh axes) of each model dimension `RULES` splits over mesh axes."""
+    dims = []
+    if config.num_moe_layers and config.n_routed_experts:
+        dims.append(("routed experts", config.n_routed_experts, ("fsdp", "expert")))
+        dims.append(("channels of each routed expert (moe_intermediate_size)",
+                     config.moe_intermediate_size, ("tensor",)))
+        if config.n_shared_experts:
+            dims.append(("channels of the shared experts (moe_intermediate_size x "
+                         "n_shared_experts)", config.shared_intermediate_size, ("tensor",)))
+    dims.append(("attention heads", config.num_attention_heads, ("tensor",)))
+    if config.num_dense_layers:
+        dims.append(("channels of the dense MLP (intermediate_size)", config.intermediate_size,
+                     ("tensor",)))
+    dims.append(("vocabulary entries (vocab_size)", config.vocab_size, ("tensor", "fsdp")))
+    dims.append(("hidden channels (hidden_size)", config.hidden_size, ("fsdp",)))
+    return dims
+
+
+def check_mesh(config, mesh) -> None:
+    """Raises `MeshError` unless every mesh axis of size > 1 splits each model dimension the
+    rules give it (routed experts over fsdp x expert; heads, MLP widths over tensor; vocab over
+    tensor x fsdp; hidden over fsdp). Otherwise `logical_spec` would drop the axis there and
+    replicate what the mesh was asked to split, e.g. turn expert parallelism off."""
+    for what, count, axes in model_dims(config):
+        check_split(mesh, what, count, axes)
+
+
+def check_split(mesh, what: str, count: int, axes) -> None:
+    """Raises `MeshError` unless the `axes` of `mesh` (those of size > 1) split `count` evenly."""
+    sizes = _mesh_sizes(mesh)
+    used = [a for a in axes if sizes[a] > 1]
+    total = math.prod(sizes[a] for a in used)
+    if count % total == 0:
+        return
+    name = (_spec_text(mesh) if mesh is None or isinstance(mesh, (str, Mapping))
+            else ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "single")
+    if len(used) == 1:
+        alone = all(n == 1 for a, n in sizes.items() if a != used[0])
+        over = f"{total} devices" if alone else f"{used[0]}={total}"
+        hint = "a divisor"
+    else:
+        over = " x ".join(f"{a}={sizes[a]}" for a in used) + f" = {total} devices"
+        hint = "sizes whose product is a divisor"
+    raise MeshError(name, f"{count} {what} do not split evenly over {over}; use {hint} "
+                          f"of {count} ({_divisors(count)})")
 
 
 def _multi_process_env() -> bool:
@@ -138,7 +219,8 @@ def make_mesh(shape: str | Mapping[str, int] | None = None, devices=None,
     devices = list(jax.devices() if devices is None else devices)
     total = math.prod(sizes.values())
     if total != len(devices):
-        raise ValueError(f"mesh {sizes} needs {total} devices, but {len(devices)} are available")
+        raise MeshError(_spec_text(shape) if shape else "single",
+                        f"needs {total} devices, but {len(devices)} are available")
     return jax.make_mesh(tuple(sizes[a] for a in MESH_AXES), MESH_AXES,
                          axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
 
@@ -178,6 +260,7 @@ def param_specs(config, mesh, params=None):
     """`PartitionSpec` of every parameter leaf (`params` defaults to `k2jax.param_shapes`)."""
     from k2jax import api  # the model imports this module; import the API on use
 
+    check_mesh(config, mesh)
     axes = api.param_axes(config)
     params = api.param_shapes(config) if params is None else params
 
