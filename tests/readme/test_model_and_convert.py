@@ -3,11 +3,13 @@
 import json
 
 import k2jax
-from tests.readme.conftest import COMMANDS, NOT_RUN
+import re
+
+from tests.readme.conftest import COMMANDS, NOT_RUN, README, _commands, _run
 
 
 def test_every_command_is_run_or_excused():
-    run_here = {"k2jax convert", "k2jax train", "k2jax generate", "k2jax serve", "python -c"}
+    run_here = {"k2jax plan", "k2jax convert", "k2jax train", "k2jax generate", "k2jax serve", "python -c"}
     for command in COMMANDS["bash"]:
         assert command in NOT_RUN or any(command.startswith(p) for p in run_here), command
     assert set(NOT_RUN) <= set(COMMANDS["bash"]), set(NOT_RUN) - set(COMMANDS["bash"])
@@ -39,3 +41,30 @@ def test_convert_block(converted):
     assert bf16_config.quantized_linears == ()
 
 
+
+
+def _printed_plan() -> list[str]:
+    """The plan output the README shows (the unlabelled block after the plan command)."""
+    (block,) = re.findall(r"^```\n(kimi-k2-thinking: decode step.*?)^```$", README.read_text(),
+                          flags=re.M | re.S)
+    return block.splitlines()
+
+
+def test_plan_command_prints_what_the_readme_shows(user):
+    (command,) = _commands("k2jax plan")
+    printed = _run(command, user).splitlines()
+    shown = _printed_plan()
+    # Exact figures; compile time and XLA:CPU's activation and collective estimates vary with
+    # the machine and the XLA version.
+    exact = ("expert-parallel", "parameters", "per device", "params", "cache", "inputs",
+             "outputs", "fits", "collectives")
+    assert ([line for line in printed if line.strip().startswith(exact)] ==
+            [line for line in shown if line.strip().startswith(exact)])
+    assert printed[0].startswith(shown[0].split(" (")[0])
+    # The table's first row is the printed block's figures.
+    figures = {line.split()[0]: line.split()[1] for line in shown if "GiB" in line}
+    row = next(line for line in README.read_text().splitlines()
+               if line.startswith("| `expert=8` (8x H200)"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[2:] == [figures["params"], f"{figures['cache']} cache", figures["activations"],
+                         f"{figures['total']} (fits 141)"]
