@@ -1,6 +1,6 @@
 """Checkpoint conversion speed and memory on a synthetic K2-shaped hub checkpoint.
 
-    python benchmarks/convert.py                # prints a table, writes results/convert.json
+    python benchmarks/convert.py                # prints a table; --write saves results/convert.json
     python benchmarks/convert.py --moe-layers 1 --experts 8   # a smaller run
 
 The source is Kimi K2 Thinking at its real widths (hidden 7168, 64 heads, q/kv lora 1536/512,
@@ -35,8 +35,9 @@ import sys
 import tempfile
 import time
 
+import _results  # benchmarks/_results.py, beside this script
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "convert.json"
 # The in-memory alternative holds every INT4 value in a byte, plus one leaf stacked twice.
 IN_MEMORY_FACTOR = 4
 sys.path.insert(0, str(ROOT))
@@ -224,6 +225,7 @@ def main() -> None:
     parser.add_argument("--workdir", default=tempfile.gettempdir())
     parser.add_argument("--child", nargs=3, metavar=("STEP", "SRC", "DST"),
                         help=argparse.SUPPRESS)
+    _results.add_arguments(parser, "convert")
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
@@ -247,10 +249,10 @@ def main() -> None:
                 shutil.rmtree(os.path.join(work, out))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report(config, source_bytes, rows)
+    report(args, config, source_bytes, rows)
 
 
-def report(config, source_bytes: int, rows: dict) -> None:
+def report(args, config, source_bytes: int, rows: dict) -> None:
     import platform
 
     gb = 1e9
@@ -263,15 +265,14 @@ def report(config, source_bytes: int, rows: dict) -> None:
         print(f"{step:<11} {r['seconds']:8.1f} {r['cpu_seconds']:7.1f} "
               f"{source_bytes / r['seconds'] / gb:6.2f} {r['rss_base'] / gb:8.2f}G "
               f"{r['rss_peak'] / gb:8.2f}G {r['output_bytes'] / gb:7.2f}G")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    _results.write(args, "convert", {
         "machine": f"{os.cpu_count()} CPUs, {platform.machine()}, page-cache-warm files",
         "source_bytes": source_bytes,
         "config": {"num_hidden_layers": config.num_hidden_layers,
                    "n_routed_experts": config.n_routed_experts,
                    "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
                    "quantized_linears": list(config.quantized_linears)},
-        "rows": rows}, indent=2) + "\n")
+        "rows": rows})
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ tokens split over the batch axes. Four ways:
 Reported per device: median step time, compiled temporaries, collective bytes by kind (from the
 compiled HLO). On a CPU host the devices share its cores, so times compare the programs' work,
 not an interconnect; XLA:CPU's `ragged_dot` costs rows x groups, so padding rows cost as much as
-real ones there (GPU/TPU grouped-matmul kernels skip them). Writes results/expert_parallel.json.
+real ones there (GPU/TPU grouped-matmul kernels skip them). `--write` saves results/expert_parallel.json.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
-import json  # noqa: E402
-import pathlib  # noqa: E402
+import _results  # noqa: E402  (benchmarks/_results.py)
 import statistics  # noqa: E402
 import time  # noqa: E402
 
@@ -39,7 +38,6 @@ import k2jax  # noqa: E402
 from k2jax import expert_parallel, plan, sharding  # noqa: E402
 from k2jax.moe import MoE  # noqa: E402
 
-RESULTS = pathlib.Path(__file__).parent / "results" / "expert_parallel.json"
 
 
 def moe_step(config):
@@ -72,6 +70,7 @@ def main():
     parser.add_argument("--mesh", default="expert=8")
     parser.add_argument("--tokens", type=int, default=512)
     parser.add_argument("--steps", type=int, default=3)
+    _results.add_arguments(parser, "expert_parallel")
     args = parser.parse_args()
 
     config = k2jax.ModelConfig.preset("small").replace(dtype="float32")
@@ -107,9 +106,8 @@ def main():
     for name, row in rows.items():
         cells = [f"{row['step_ms']:.1f}"] + [f"{row.get(c, 0) / 2**20:.1f} MiB" for c in cols[1:]]
         print(f"{name:<18}" + "".join(f"{c:>16}" for c in cells))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"mesh": args.mesh, "tokens": args.tokens, "rows": rows},
-                                  indent=2))
+    _results.write(args, "expert_parallel", {"mesh": args.mesh, "tokens": args.tokens,
+                                             "rows": rows})
 
 
 if __name__ == "__main__":

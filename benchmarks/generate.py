@@ -1,6 +1,6 @@
 """Generation speed on the `small` preset: the k2jax engine vs HF transformers `generate()`.
 
-    python benchmarks/generate.py                 # table, writes results/generate.json
+    python benchmarks/generate.py                 # table; --write saves results/generate.json
     python benchmarks/generate.py --batches 1 8 --new-tokens 8    # a shorter run
 
 One process, one device, the same random weights in both (an HF `DeepseekV3ForCausalLM` with
@@ -37,12 +37,13 @@ import platform
 import sys
 import time
 
+import _results  # benchmarks/_results.py, beside this script
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "benchmarks" / "results" / "generate.json"
 sys.path.insert(0, str(ROOT))
 
 
@@ -155,7 +156,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--preset", default="small")
-    parser.add_argument("--no-write", action="store_true", help="do not write results JSON")
+    _results.add_arguments(parser, "generate")
     args = parser.parse_args(argv)
 
     import torch
@@ -228,13 +229,11 @@ def main(argv=None) -> int:
               f"{roof['bound_speedup_vs_hf']:>10.1f}x")
     print(f"batch-1 decode step with a 4096-token page pool: "
           f"{big_pool['decode_step_s'] * 1e3:.1f} ms")
-    if not args.no_write:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps({
+    _results.write(args, "generate", {
             "preset": args.preset, "dtype": "float32", "prompt_len": args.prompt_len,
             "new_tokens": args.new_tokens, "device": jax.devices()[0].device_kind,
             "machine": load, "bandwidth": bandwidth, "rows": rows,
-            "batch1_pool_4096_tokens": big_pool}, indent=2) + "\n")
+            "batch1_pool_4096_tokens": big_pool})
     return 0
 
 

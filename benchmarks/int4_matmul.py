@@ -1,6 +1,6 @@
 """INT4 matmul speed at Kimi K2 expert shapes: bf16 dot vs XLA dequant+dot vs the Pallas kernels.
 
-    python benchmarks/int4_matmul.py            # prints a table, writes results/int4_matmul.json
+    python benchmarks/int4_matmul.py            # prints a table; --write saves results/int4_matmul.json
 
 Dense cases: `x [M, K] @ W [K, N]` for the expert gate/up (7168x2048) and down (2048x7168)
 projections. Grouped case: expert-sorted rows (top-8 routing over E experts) through
@@ -17,10 +17,10 @@ and each time is the median of a few repetitions; the table says so.
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
 import time
+
+import _results  # benchmarks/_results.py, beside this script
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,6 @@ except ImportError:
 SHAPES = {"gate/up 7168x2048": (7168, 2048), "down 2048x7168": (2048, 7168)}
 GROUP = 32
 TOP_K = 8
-RESULTS = pathlib.Path(__file__).parent / "results" / "int4_matmul.json"
 
 
 def time_us(fn, *args, reps: int) -> float:
@@ -180,7 +179,7 @@ def print_table(result):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, help="repetitions per timing (default 20, CPU 3)")
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    _results.add_arguments(parser, "int4_matmul")
     args = parser.parse_args()
 
     backend = jax.default_backend()
@@ -201,9 +200,7 @@ def main():
                 + grouped_rows(tokens, experts, reps, accelerator, bandwidth),
     }
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    _results.write(args, "int4_matmul", result, indent=1)
 
 
 if __name__ == "__main__":

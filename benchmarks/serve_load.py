@@ -28,11 +28,12 @@ import subprocess
 import sys
 import time
 
+import _results  # benchmarks/_results.py, beside this script
+
 import httpx2
 import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results" / "serve_load.json"
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain continuous batching in one sentence.", "List three prime numbers.",
              "How far is the Moon?", "Name a color.", "Why is the sky blue?", "Say hi."]
@@ -155,6 +156,7 @@ def main() -> int:
     parser.add_argument("--level-budget", type=float, default=120,
                         help="seconds per level at most")
     parser.add_argument("--startup-timeout", type=float, default=600)
+    _results.add_arguments(parser, "serve_load")
     args = parser.parse_args()
     model = args.model or f"k2jax-{args.preset}"
     server = None
@@ -175,12 +177,12 @@ def main() -> int:
     name = args.url or args.preset
     print_table(f"{name}: max_batch {args.max_batch}, max_tokens {args.max_tokens}, "
                 f"warm-up (compiles) {warm_s:.0f} s", levels)
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    target = _results.path(args, "serve_load")  # one entry per server, kept across runs
+    results = json.loads(target.read_text()) if target and target.exists() else {}
     results[name] = {"max_batch": args.max_batch, "max_tokens": args.max_tokens,
                      "cpu_count": os.cpu_count(), "warmup_s": round(warm_s, 1),
                      "levels": levels}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    _results.write(args, "serve_load", results)
     return 0
 
 

@@ -1,7 +1,7 @@
 """Train-step throughput on the `small` preset: k2jax's jitted QAT step against HF transformers'
 DeepseekV3ForCausalLM with torch AdamW, same batch, same machine, in one run.
 
-    python benchmarks/train_step.py      # prints a table, writes results/train_step.json
+    python benchmarks/train_step.py      # prints a table; --write saves results/train_step.json
     python benchmarks/train_step.py --batch 4 --seq 256 --steps 10
 
 Both sides do a full optimizer step on `batch x seq` random tokens: forward, next-token cross
@@ -17,11 +17,11 @@ is known (not on CPU).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import statistics
 import time
+
+import _results  # benchmarks/_results.py, beside this script
 
 import jax
 import numpy as np
@@ -32,7 +32,6 @@ from train import metrics, optimizer, qat, step as step_lib
 from train import mesh as train_mesh
 from train.config import TrainConfig
 
-RESULTS = pathlib.Path(__file__).parent / "results" / "train_step.json"
 
 
 def bench_k2jax(config, cfg: TrainConfig, tokens: np.ndarray, steps: int) -> dict:
@@ -102,6 +101,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true")
+    _results.add_arguments(parser, "train_step")
     args = parser.parse_args()
 
     on_cpu = jax.devices()[0].platform == "cpu"
@@ -132,12 +132,11 @@ def main() -> None:
         compile_s = f"{row['compile_s']:.1f}" if "compile_s" in row else "-"
         print(f"{name:<26}{row['step_s']:>9.3f}{row['tokens_per_s']:>11.1f}{compile_s:>11}"
               f"{mfu:>8}")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
+    _results.write(args, "train_step", {
         "preset": args.preset, "batch": args.batch, "seq": args.seq, "steps": args.steps,
         "dtype": dtype, "device": jax.devices()[0].device_kind, "cpus": os.cpu_count(),
         "jax": jax.__version__, "train_flops_per_step": flops, "peak_flops": peak,
-        "rows": rows}, indent=1) + "\n")
+        "rows": rows}, indent=1)
 
 
 if __name__ == "__main__":
