@@ -14,7 +14,8 @@ tokens split over the batch axes. Four ways:
 Reported per device: median step time, compiled temporaries, collective bytes by kind (from the
 compiled HLO). On a CPU host the devices share its cores, so times compare the programs' work,
 not an interconnect; XLA:CPU's `ragged_dot` costs rows x groups, so padding rows cost as much as
-real ones there (GPU/TPU grouped-matmul kernels skip them). `--write` saves results/expert_parallel.json.
+real ones there (GPU/TPU grouped-matmul kernels skip them). `--write` saves
+results/expert_parallel.json.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import jax.numpy as jnp  # noqa: E402
 import k2jax  # noqa: E402
 from k2jax import expert_parallel, plan, sharding  # noqa: E402
 from k2jax.moe import MoE  # noqa: E402
-
 
 
 def moe_step(config):

@@ -230,10 +230,10 @@ def main(argv=None) -> int:
     print(f"batch-1 decode step with a 4096-token page pool: "
           f"{big_pool['decode_step_s'] * 1e3:.1f} ms")
     _results.write(args, "generate", {
-            "preset": args.preset, "dtype": "float32", "prompt_len": args.prompt_len,
-            "new_tokens": args.new_tokens, "device": jax.devices()[0].device_kind,
-            "machine": load, "bandwidth": bandwidth, "rows": rows,
-            "batch1_pool_4096_tokens": big_pool})
+        "preset": args.preset, "dtype": "float32", "prompt_len": args.prompt_len,
+        "new_tokens": args.new_tokens, "device": jax.devices()[0].device_kind,
+        "machine": load, "bandwidth": bandwidth, "rows": rows,
+        "batch1_pool_4096_tokens": big_pool})
     return 0
 
 

@@ -1,6 +1,6 @@
 """INT4 matmul speed at Kimi K2 expert shapes: bf16 dot vs XLA dequant+dot vs the Pallas kernels.
 
-    python benchmarks/int4_matmul.py            # prints a table; --write saves results/int4_matmul.json
+    python benchmarks/int4_matmul.py     # prints a table; --write saves results/int4_matmul.json
 
 Dense cases: `x [M, K] @ W [K, N]` for the expert gate/up (7168x2048) and down (2048x7168)
 projections. Grouped case: expert-sorted rows (top-8 routing over E experts) through

@@ -1,6 +1,6 @@
 """Load test of `k2jax serve`: concurrent streaming chat clients on loopback.
 
-    python benchmarks/serve_load.py --preset tiny
+    python benchmarks/serve_load.py --preset tiny   # table; --write saves results/serve_load.json
     python benchmarks/serve_load.py --preset small --max-batch 8 --requests 48
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --model NAME   # a running server
 
@@ -13,7 +13,8 @@ Per level it reports requests/s, output tokens/s (from the servers' usage counts
 percentiles: TTFT (time to the first chunk carrying generated text, reasoning, a tool call or a
 finish reason; the role chunk is sent before generation and does not count) and end to end.
 Concurrency 1 is the baseline: requests one at a time, no batching. Results are printed as a
-table and written to benchmarks/results/serve_load.json (one entry per preset or URL).
+table; `--write` (or `--json PATH`) adds this run's entry to benchmarks/results/serve_load.json
+(or PATH), one entry per preset or URL, keeping the others.
 """
 
 from __future__ import annotations

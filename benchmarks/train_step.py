@@ -33,7 +33,6 @@ from train import mesh as train_mesh
 from train.config import TrainConfig
 
 
-
 def bench_k2jax(config, cfg: TrainConfig, tokens: np.ndarray, steps: int) -> dict:
     model_config = config.replace(quantized_linears=(), dtype=cfg.compute_dtype)
     mesh = train_mesh.build_mesh(None)
