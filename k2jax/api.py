@@ -14,9 +14,9 @@ from k2jax.config import ModelConfig
 from k2jax.model import Transformer
 
 
-def _boxed_init(config: ModelConfig, key: jax.Array):
+def _boxed_init(config: ModelConfig, key: jax.Array, serving_layout: bool = False):
     tokens = jnp.zeros((1, 1), jnp.int32)
-    return Transformer(config).init(key, tokens)["params"]
+    return Transformer(config, serving_layout=serving_layout).init(key, tokens)["params"]
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -29,17 +29,23 @@ def init_params(config: ModelConfig, key: jax.Array):
     return _init(config, key)
 
 
-def param_shapes(config: ModelConfig):
-    """The abstract parameter tree: `jax.ShapeDtypeStruct` leaves, no memory allocated."""
+def param_shapes(config: ModelConfig, serving_layout: bool = False):
+    """The abstract parameter tree: `jax.ShapeDtypeStruct` leaves, no memory allocated.
+
+    `serving_layout`: the tree of `to_serving_layout` instead of the checkpoint's."""
+    if serving_layout:
+        return jax.eval_shape(lambda: nn.unbox(_boxed_init(config, jax.random.key(0), True)))
     return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
 
 
-def param_axes(config: ModelConfig):
-    """Logical axis names of every parameter leaf, as a tree of tuples matching the params.
+def param_axes(config: ModelConfig, serving_layout: bool = False):
+    """Logical axis names of every parameter leaf, as a tree of tuples matching the params
+    (those of `to_serving_layout` with `serving_layout`).
 
     A `QuantizedWeight` gets the same names for its `values` and `scale`.
     """
-    boxed = jax.eval_shape(functools.partial(_boxed_init, config), jax.random.key(0))
+    boxed = jax.eval_shape(functools.partial(_boxed_init, config, serving_layout=serving_layout),
+                           jax.random.key(0))
 
     def names(box):
         value = box.value

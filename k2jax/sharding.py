@@ -25,7 +25,8 @@ API:
   param_specs(config, mesh), param_shardings(config, mesh, params=None)
                                         per-leaf specs / `NamedSharding`s of the parameter tree
                                         (`QuantizedWeight` values and scale split alike), after
-                                        `check_mesh`
+                                        `check_mesh`; `serving_layout=True` for the tree of
+                                        `k2jax.to_serving_layout`
   shard_params(params, config, mesh)    `jax.device_put` onto those shardings
   optimizer_shardings(opt_state, param_shardings, mesh)
                                         optax state: params-shaped subtrees sharded like params,
@@ -256,13 +257,14 @@ def _is_axes(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
 
 
-def param_specs(config, mesh, params=None):
-    """`PartitionSpec` of every parameter leaf (`params` defaults to `k2jax.param_shapes`)."""
+def param_specs(config, mesh, params=None, serving_layout: bool = False):
+    """`PartitionSpec` of every parameter leaf (`params` defaults to `k2jax.param_shapes`);
+    `serving_layout`: of the tree `k2jax.to_serving_layout` makes."""
     from k2jax import api  # the model imports this module; import the API on use
 
     check_mesh(config, mesh)
-    axes = api.param_axes(config)
-    params = api.param_shapes(config) if params is None else params
+    axes = api.param_axes(config, serving_layout)
+    params = api.param_shapes(config, serving_layout) if params is None else params
 
     def leaf_spec(names, leaf):
         if isinstance(leaf, quant.QuantizedWeight):
@@ -274,11 +276,13 @@ def param_specs(config, mesh, params=None):
                         is_leaf=lambda x: _is_axes(x) or isinstance(x, quant.QuantizedWeight))
 
 
-def param_shardings(config, mesh, params=None):
+def param_shardings(config, mesh, params=None, serving_layout: bool = False):
     """`NamedSharding` of every parameter leaf, for `jax.jit(in_shardings=...)` and
     `jax.device_put`. `params` (arrays or `ShapeDtypeStruct`s) overrides the config's own leaf
-    types, e.g. a float tree for a quantized config under QAT."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(config, mesh, params),
+    types, e.g. a float tree for a quantized config under QAT; `serving_layout` as in
+    `param_specs`."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
+                        param_specs(config, mesh, params, serving_layout),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

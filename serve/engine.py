@@ -23,6 +23,7 @@ used again.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -32,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import k2jax
+from k2jax import sharding
 from k2jax.config import ModelConfig
 from serve import paged_cache, sampling
 from serve.paged_cache import PageAllocator
@@ -94,11 +96,11 @@ class StreamDelta:
     top_logprobs: list[dict[int, float]] | None = None  # per token, when logprobs >= 1
 
 
-@functools.partial(jax.jit, static_argnames="config", donate_argnames="pools")
-def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b):
+@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames="pools")
+def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b, mesh=None):
     """Writes `tokens` into the pages; returns the logits at `last_b` of each row `[B, V]` and
-    the pools."""
-    cache = paged_cache.with_page_table(pools, table_bw)
+    the pools. Traced inside `sharding.activate(mesh)` when on a mesh."""
+    cache = paged_cache.with_page_table(pools, table_bw, mesh)
     logits_b1v, cache = k2jax.forward_cached(config, params, tokens_bt, positions_bt, cache,
                                              logits_index_b=last_b, serving_layout=True)
     return logits_b1v[:, 0], paged_cache.pools_of(cache)
@@ -126,6 +128,18 @@ def _set_penalty_row(penalty, slot, prompt_mask_v, counts_v):
     return prompt_mask_sv.at[slot].set(prompt_mask_v), counts_sv.at[slot].set(counts_v)
 
 
+def _place_params(config: ModelConfig, params, mesh):
+    """The weights on device once, not per step, in the serving layout (`k2jax.model`): one
+    subtree per layer, which XLA reads where it lies instead of slicing it out of a stacked
+    array. On a mesh every leaf goes straight to its sharding under the rules
+    (`sharding.param_shardings` of the serving layout), so each device receives its own part."""
+    serving = k2jax.to_serving_layout(params)
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, serving)
+    return jax.device_put(serving, sharding.param_shardings(config, mesh, serving,
+                                                            serving_layout=True))
+
+
 class Engine:
     """Continuous-batching generation for one model.
 
@@ -145,16 +159,24 @@ class Engine:
       detokenize: `token_ids -> str`, needed for `text` and stop strings (e.g. a tokenizer's
         `decode`).
       seed: draws the seeds of requests that give none.
+      mesh: a `jax.sharding.Mesh` (`k2jax.sharding.make_mesh`) to run on, or None for one
+        device. The weights are placed by `k2jax.sharding`'s rules (routed experts split over
+        fsdp x expert and run expert-parallel, heads and widths over tensor); the page pool and
+        the batch slots are split over every device of the mesh (`paged_cache.pool_axes`), so
+        `max_batch` and `num_pages` must divide by `mesh.size`.
     """
 
     def __init__(self, config: ModelConfig, params, *, max_batch: int = 8,
                  max_seq_len: int | None = None, page_size: int = 16, num_pages: int | None = None,
                  cache_dtype=None, prefill_chunk: int = 256, prefix_sharing: bool = True,
-                 detokenize: Detokenize | None = None, seed: int = 0):
+                 detokenize: Detokenize | None = None, seed: int = 0, mesh=None):
         self.config = config
-        # On device once, not per step, in the serving layout (`k2jax.model`): one subtree per
-        # layer, which XLA reads where it lies instead of slicing it out of a stacked array.
-        self.params = jax.tree.map(jnp.asarray, k2jax.to_serving_layout(params))
+        self.mesh = mesh
+        shards = 1 if mesh is None else mesh.size
+        if max_batch % shards:
+            raise ValueError(f"max_batch={max_batch} does not split over the {shards} devices "
+                             f"of mesh {sharding.describe(mesh)}")
+        self.params = _place_params(config, params, mesh)
         self.max_batch = max_batch
         if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
             # Positions past the model's context have no trained rotary range: refuse, do not
@@ -167,17 +189,24 @@ class Engine:
         self.detokenize = detokenize
         pages_per_seq = -(-self.max_seq_len // page_size)
         num_pages = num_pages or max_batch * pages_per_seq
-        if num_pages < pages_per_seq:
-            raise ValueError(f"num_pages={num_pages} cannot hold one sequence of max_seq_len="
-                             f"{self.max_seq_len} ({pages_per_seq} pages of {page_size})")
+        if num_pages % shards:
+            raise ValueError(f"num_pages={num_pages} does not split over the {shards} devices "
+                             f"of mesh {sharding.describe(mesh)}")
+        if num_pages // shards < pages_per_seq:
+            per_device = f" ({num_pages // shards} per device)" if shards > 1 else ""
+            raise ValueError(f"num_pages={num_pages}{per_device} cannot hold one sequence of "
+                             f"max_seq_len={self.max_seq_len} ({pages_per_seq} pages of "
+                             f"{page_size})")
         self.max_pages_per_seq = pages_per_seq
         self.cache_dtype = jnp.dtype(cache_dtype or config.dtype)
-        self.pools = paged_cache.init_pages(config, num_pages, page_size, self.cache_dtype)
-        self.allocator = PageAllocator(num_pages, page_size)
+        self.pools = paged_cache.init_pages(config, num_pages, page_size, self.cache_dtype, mesh)
+        self.allocator = PageAllocator(num_pages, page_size, shards)
         self.scheduler = Scheduler(max_batch, self.allocator, prefix_sharing)
         # Per slot: prompt tokens and output-token counts, reset for requests with penalties.
-        self.penalty = (jnp.zeros((max_batch, config.vocab_size), bool),
-                        jnp.zeros((max_batch, config.vocab_size), jnp.int32))
+        on = None if mesh is None else jax.sharding.NamedSharding(mesh,
+                                                                  jax.sharding.PartitionSpec())
+        self.penalty = (jnp.zeros((max_batch, config.vocab_size), bool, device=on),
+                        jnp.zeros((max_batch, config.vocab_size), jnp.int32, device=on))
         self._rng = np.random.default_rng(seed)
         self._ids = itertools.count()
         self._arrivals = itertools.count()
@@ -289,14 +318,19 @@ class Engine:
         seqs = [s for s in self.scheduler.running if s.needs_prefill and not self._failed(s)]
         if not seqs:
             return []
-        todo = [min(len(s.cache_tokens) - s.num_cached, self.prefill_chunk) for s in seqs]
-        rows = bucket(len(seqs), self.max_batch)
-        length = bucket(max(todo), self.prefill_chunk, MIN_PREFILL_BUCKET)
+        todo = {s: min(len(s.cache_tokens) - s.num_cached, self.prefill_chunk) for s in seqs}
+        row_seqs = self._row_layout([[s for s in seqs if self.scheduler.shard_of(s) == k]
+                                     for k in range(self.allocator.num_shards)])
+        rows = len(row_seqs)
+        length = bucket(max(todo.values()), self.prefill_chunk, MIN_PREFILL_BUCKET)
         tokens = np.zeros((rows, length), np.int32)
         positions = np.full((rows, length), -1, np.int32)
         last = np.zeros(rows, np.int32)
         samplers = []
-        for r, (seq, n) in enumerate(zip(seqs, todo)):
+        for r, seq in enumerate(row_seqs):
+            if seq is None:
+                continue
+            n = todo[seq]
             start, end = seq.num_cached, seq.num_cached + n
             tokens[r, :n] = seq.cache_tokens[start:end]
             positions[r, :n] = np.arange(start, end)
@@ -304,8 +338,8 @@ class Engine:
             seq.num_cached = end
             if end == len(seq.cache_tokens) and not seq.generated:
                 samplers.append((r, seq))
-        self.stats["prefill_tokens"] += sum(todo)
-        out, samplers = self._run(seqs, tokens, positions, last, dict(samplers))
+        self.stats["prefill_tokens"] += sum(todo.values())
+        out, samplers = self._run(row_seqs, tokens, positions, last, dict(samplers))
         if self.scheduler.prefix_sharing:
             for seq in seqs:  # the prompt pages written so far, shareable from now on
                 if not self._failed(seq):
@@ -315,20 +349,39 @@ class Engine:
     def _decode(self, ready: list[Sequence]) -> list[Sequence]:
         if not ready:
             return []
-        rows = bucket(max(s.slot for s in ready) + 1, self.max_batch)
+        per_shard = self.scheduler.slots_per_shard
+        by_slot = {seq.slot: seq for seq in ready}
+        groups = []
+        for start in range(0, self.max_batch, per_shard):
+            used = [s - start + 1 for s in by_slot if start <= s < start + per_shard]
+            groups.append([by_slot.get(s) for s in range(start, start + max(used, default=0))])
+        row_seqs = self._row_layout(groups)
+        rows = len(row_seqs)
         tokens = np.zeros((rows, 1), np.int32)
         positions = np.full((rows, 1), -1, np.int32)
         by_row = {}
-        for seq in ready:
-            tokens[seq.slot, 0] = seq.generated[-1]
-            positions[seq.slot, 0] = seq.num_cached
-            by_row[seq.slot] = seq
-        out, samplers = self._run([by_row.get(r) for r in range(rows)], tokens, positions,
-                                  np.zeros(rows, np.int32), by_row)
+        for r, seq in enumerate(row_seqs):
+            if seq is not None:
+                tokens[r, 0] = seq.generated[-1]
+                positions[r, 0] = seq.num_cached
+                by_row[r] = seq
+        out, samplers = self._run(row_seqs, tokens, positions, np.zeros(rows, np.int32),
+                                  by_row)
         for seq in ready:
             seq.num_cached += 1
         self.stats["decode_steps"] += 1
         return self._record(out, samplers)
+
+    def _row_layout(self, groups: list[list[Sequence | None]]) -> list[Sequence | None]:
+        """The rows of one step from each pool shard's sequences (`groups[k]`, None for a gap):
+        one block per shard, block k on the device holding shard k's pages, every block padded
+        to the same power of two (one compile per bucket)."""
+        per_shard = bucket(max(len(g) for g in groups), self.scheduler.slots_per_shard)
+        return [seq for g in groups for seq in g + [None] * (per_shard - len(g))]
+
+    def _on_mesh(self):
+        """Where the step functions trace: the engine's mesh and rules (expert-parallel MoE)."""
+        return contextlib.nullcontext() if self.mesh is None else sharding.activate(self.mesh)
 
     def _run(self, row_seqs, tokens, positions, last, samplers: dict[int, Sequence]):
         """One forward and sample; `row_seqs[r]` owns row r (None: padding),
@@ -351,16 +404,21 @@ class Engine:
         positions[[r for r, seq in enumerate(row_seqs) if seq is None]] = -1
         width = bucket(max((len(s.pages) for s in row_seqs if s is not None), default=1),
                        self.max_pages_per_seq, -(-MIN_CONTEXT_BUCKET // self.page_size))
-        table = np.full((rows, width), self.allocator.num_pages, np.int32)
+        # Page ids local to each row's shard; one past the shard's pages is unallocated.
+        table = np.full((rows, width), self.allocator.pages_per_shard, np.int32)
         slots = np.full(rows, self.max_batch, np.int32)
         for r, seq in enumerate(row_seqs):
             if seq is not None:
-                table[r, :len(seq.pages)] = seq.pages
+                table[r, :len(seq.pages)] = self.allocator.local(seq.pages)
         for r, seq in samplers.items():
             slots[r] = seq.slot
-        logits, self.pools = _forward(self.config, self.params, self.pools, tokens, positions,
-                                      table, last)
-        out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering)
+        inputs = (tokens, positions, table, last)
+        if self.mesh is not None:
+            inputs = jax.device_put(inputs, paged_cache.rows_sharding(self.mesh))
+        with self._on_mesh():
+            logits, self.pools = _forward(self.config, self.params, self.pools, *inputs,
+                                          mesh=self.mesh)
+            out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering)
         return jax.device_get(out), sorted(samplers.items())
 
     def _sampling_row(self, seq: Sequence):

@@ -130,6 +130,10 @@ def bucket(n: int, limit: int, minimum: int = 1) -> int:
 class Scheduler:
     """Waiting queue, `max_batch` slots and the page allocator.
 
+    With an allocator of several shards (one per device of a mesh) the slots are split evenly
+    between them, slot s in shard `s // (max_batch / num_shards)`: a sequence takes its pages
+    from its slot's shard, so its rows and its cache live on the same device.
+
     Args:
       max_batch: number of slots (rows of the decode batch).
       allocator: the page pool's `PageAllocator`.
@@ -137,9 +141,13 @@ class Scheduler:
     """
 
     def __init__(self, max_batch: int, allocator: PageAllocator, prefix_sharing: bool = True):
+        if max_batch % allocator.num_shards:
+            raise ValueError(f"max_batch={max_batch} does not split over the "
+                             f"{allocator.num_shards} shards of the page pool")
         self.allocator = allocator
         self.prefix_sharing = prefix_sharing
         self.slots: list[Sequence | None] = [None] * max_batch
+        self.slots_per_shard = max_batch // allocator.num_shards
         self.waiting: collections.deque[Sequence] = collections.deque()
 
     def add(self, seq: Sequence) -> None:
@@ -151,6 +159,25 @@ class Scheduler:
 
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def shard_of(self, seq: Sequence) -> int:
+        """The pool shard of a sequence holding a slot."""
+        return seq.slot // self.slots_per_shard
+
+    def _free_slots(self, shard: int) -> list[int]:
+        start = shard * self.slots_per_shard
+        return [s for s in range(start, start + self.slots_per_shard) if self.slots[s] is None]
+
+    def _choose_shard(self, tokens) -> int:
+        """The shard for a new sequence: one with a free slot, preferring the longest shared
+        prefix, then the most free pages."""
+        def score(shard):
+            shared = (self.allocator.indexed_prefix_len(tokens, len(tokens) - 1, shard)
+                      if self.prefix_sharing else 0)
+            return shared, self.allocator.free_in(shard)
+
+        return max((k for k in range(self.allocator.num_shards) if self._free_slots(k)),
+                   key=score)
 
     def admit(self) -> list[Sequence]:
         """Moves waiting sequences, first come first served, into free slots while the pool
@@ -168,16 +195,17 @@ class Scheduler:
             if self.prefix_sharing and first is not None and first in firsts:
                 deferred.append(seq)
                 continue
-            shared = (self.allocator.match_prefix(tokens, len(tokens) - 1)
+            shard = self._choose_shard(tokens)
+            shared = (self.allocator.match_prefix(tokens, len(tokens) - 1, shard)
                       if self.prefix_sharing else [])
             fresh = self.allocator.allocate(
-                self.allocator.pages_for(len(tokens) + 1) - len(shared))
+                self.allocator.pages_for(len(tokens) + 1) - len(shared), shard)
             if fresh is None:
                 self.allocator.release(shared)
                 self.waiting.appendleft(seq)
                 break
             seq.pages, seq.num_cached = shared + fresh, len(shared) * size
-            seq.slot = self.slots.index(None)
+            seq.slot = self._free_slots(shard)[0]
             self.slots[seq.slot] = seq
             admitted.append(seq)
             firsts.add(first)
@@ -186,17 +214,20 @@ class Scheduler:
 
     def reserve_decode_pages(self, ready: list[Sequence]) -> list[Sequence]:
         """Gives every sequence in `ready` a page for the position its next decode writes,
-        preempting the latest arrivals when the pool is empty. Returns the preempted ones."""
+        preempting the latest arrivals of its shard when the shard's pages run out. Returns the
+        preempted ones."""
         preempted = []
         for seq in sorted(ready, key=lambda s: s.arrival):
             if seq.slot is None:
                 continue
+            shard = self.shard_of(seq)
             while len(seq.pages) * self.allocator.page_size <= seq.num_cached:
-                page = self.allocator.allocate(1)
+                page = self.allocator.allocate(1, shard)
                 if page is not None:
                     seq.pages += page
                     continue
-                victim = max(self.running, key=lambda s: s.arrival)
+                victim = max((s for s in self.running if self.shard_of(s) == shard),
+                             key=lambda s: s.arrival)
                 self._preempt(victim)
                 preempted.append(victim)
                 if victim is seq:
