@@ -215,7 +215,8 @@ class Engine:
         self._constraints: dict[Sequence, sampling.TokenConstraint] = {}
         self._failures: dict[int, Exception] = {}
         self.stats = dict.fromkeys(
-            ("prefill_tokens", "decode_steps", "generated_tokens", "preemptions"), 0)
+            ("prefill_tokens", "prefix_cached_tokens", "decode_steps", "generated_tokens",
+             "preemptions"), 0)
 
     # ---- requests ---------------------------------------------------------------------------
     def add_request(self, prompt_ids, params: SamplingParams | None = None) -> int:
@@ -280,6 +281,7 @@ class Engine:
     def step(self) -> list[StreamDelta]:
         """Admit, prefill, decode once, retire. Returns what each completion produced."""
         for seq in self.scheduler.admit():
+            self.stats["prefix_cached_tokens"] += seq.num_cached  # found in shared pages
             if seq.params.uses_penalties:
                 self._isolated(seq, self._init_penalty_row, seq)
         touched = self._prefill()
