@@ -134,7 +134,8 @@ def generate_chat(model_or_checkpoint, conversations, *, tokenizer, tools=None,
         raise ValueError(f"{len(sampling_params)} sampling_params for {len(conversations)} "
                          "conversations")
     params = [with_chat_stops(p, tokenizer) for p in sampling_params]
-    model = generation.load_model(model_or_checkpoint)
+    model = generation.load_model(model_or_checkpoint,
+                                  generation.resolve_mesh(engine_options))
     run = functools.partial(_run, model, tokenizer, engine_options=engine_options)
     if heavy is None:
         return run(conversations, tools, params)

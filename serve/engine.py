@@ -96,13 +96,17 @@ class StreamDelta:
     top_logprobs: list[dict[int, float]] | None = None  # per token, when logprobs >= 1
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh"), donate_argnames="pools")
-def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b, mesh=None):
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "serving_layout"),
+                   donate_argnames="pools")
+def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b, mesh=None,
+             serving_layout=True):
     """Writes `tokens` into the pages; returns the logits at `last_b` of each row `[B, V]` and
-    the pools. Traced inside `sharding.activate(mesh)` when on a mesh."""
+    the pools. Traced inside `sharding.activate(mesh)` when on a mesh; `params` in the serving
+    layout or the checkpoint's (`serving_layout`)."""
     cache = paged_cache.with_page_table(pools, table_bw, mesh)
     logits_b1v, cache = k2jax.forward_cached(config, params, tokens_bt, positions_bt, cache,
-                                             logits_index_b=last_b, serving_layout=True)
+                                             logits_index_b=last_b,
+                                             serving_layout=serving_layout)
     return logits_b1v[:, 0], paged_cache.pools_of(cache)
 
 
@@ -128,24 +132,33 @@ def _set_penalty_row(penalty, slot, prompt_mask_v, counts_v):
     return prompt_mask_sv.at[slot].set(prompt_mask_v), counts_sv.at[slot].set(counts_v)
 
 
-def _place_params(config: ModelConfig, params, mesh):
-    """The weights on device once, not per step, in the serving layout (`k2jax.model`): one
-    subtree per layer, which XLA reads where it lies instead of slicing it out of a stacked
-    array. On a mesh every leaf goes straight to its sharding under the rules
-    (`sharding.param_shardings` of the serving layout), so each device receives its own part."""
-    serving = k2jax.to_serving_layout(params)
+def uses_serving_layout() -> bool:
+    """Whether the engine computes with the serving layout (`k2jax.model`): one subtree per
+    layer, which XLA:CPU reads where it lies instead of copying a layer (and the page pool it
+    updates) out of a stacked array. Accelerators slice stacked layers in place, so there the
+    engine keeps the checkpoint's tree as loaded and holds no second copy of the weights."""
+    return jax.default_backend() == "cpu"
+
+
+def _place_params(config: ModelConfig, params, mesh, serving_layout: bool):
+    """The weights on device once, not per step, in the layout the engine computes with. On a
+    mesh every leaf goes to its sharding under the rules (`sharding.param_shardings`, of the
+    serving layout where used), so each device holds only its part; leaves already placed
+    there (`k2jax.load(path, mesh)`) stay as they are."""
+    if serving_layout:
+        params = k2jax.to_serving_layout(params)
     if mesh is None:
-        return jax.tree.map(jnp.asarray, serving)
-    return jax.device_put(serving, sharding.param_shardings(config, mesh, serving,
-                                                            serving_layout=True))
+        return jax.tree.map(jnp.asarray, params)
+    return jax.device_put(params, sharding.param_shardings(config, mesh, params,
+                                                           serving_layout=serving_layout))
 
 
 class Engine:
     """Continuous-batching generation for one model.
 
     Args:
-      config, params: the model (the stacked checkpoint layout; the engine keeps its own copy
-        in the serving layout).
+      config, params: the model (the checkpoint's tree; on CPU the engine keeps its own copy in
+        the serving layout, `uses_serving_layout`).
       max_batch: slots, the most sequences decoding together.
       max_seq_len: longest prompt + output (default: the smaller of the model's context and
         4096); longer sequences finish with reason "length".
@@ -176,7 +189,8 @@ class Engine:
         if max_batch % shards:
             raise ValueError(f"max_batch={max_batch} does not split over the {shards} devices "
                              f"of mesh {sharding.describe(mesh)}")
-        self.params = _place_params(config, params, mesh)
+        self.serving_layout = uses_serving_layout()
+        self.params = _place_params(config, params, mesh, self.serving_layout)
         self.max_batch = max_batch
         if max_seq_len is not None and max_seq_len > config.max_position_embeddings:
             # Positions past the model's context have no trained rotary range: refuse, do not
@@ -419,7 +433,7 @@ class Engine:
             inputs = jax.device_put(inputs, paged_cache.rows_sharding(self.mesh))
         with self._on_mesh():
             logits, self.pools = _forward(self.config, self.params, self.pools, *inputs,
-                                          mesh=self.mesh)
+                                          mesh=self.mesh, serving_layout=self.serving_layout)
             out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering)
         return jax.device_get(out), sorted(samplers.items())
 

@@ -17,13 +17,14 @@ EXAMPLE = """example (random weights, CPU, well under a minute):
   k2jax generate --preset tiny --chat --prompt "What is 2 + 2?" --max-new-tokens 16
   k2jax generate --preset tiny --prompt-ids 1,2,3 --prompt-ids 4,5,6,7 --max-new-tokens 8
   k2jax generate --preset tiny --prompt-ids 1,2,3 --temperature 0.8 --top-p 0.9 --seed 0 --n 2
+  k2jax generate --preset tiny --prompt-ids 1,2,3 --mesh expert=8 --max-new-tokens 8
 """
 
 # CLI option -> SamplingParams field (only those given are passed on).
 SAMPLING_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p",
                     "repetition_penalty", "presence_penalty", "frequency_penalty", "n", "seed",
                     "logprobs", "stop_token_ids")
-ENGINE_OPTIONS = ("max_batch", "page_size", "num_pages", "cache_dtype", "prefill_chunk")
+ENGINE_OPTIONS = ("max_batch", "page_size", "num_pages", "cache_dtype", "prefill_chunk", "mesh")
 
 
 def _ids(text: str) -> list[int]:
@@ -72,19 +73,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     e.add_argument("--num-pages", type=int)
     e.add_argument("--cache-dtype", help="bfloat16, float32 or float8_e4m3fn")
     e.add_argument("--prefill-chunk", type=int)
+    e.add_argument("--mesh", metavar="AXES",
+                   help="device mesh, as `k2jax train --mesh`: e.g. expert=8, expert=4,tensor=2 "
+                        "(default: one device)")
     parser.add_argument("--stream", action="store_true", help="print tokens as they come")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
 
-def _model(args):
-    """`(config, params, tokenizer)`; the tokenizer is None for token-id prompts."""
+def _model(args, mesh=None):
+    """`(config, params, tokenizer)`; the tokenizer is None for token-id prompts. A checkpoint
+    is read straight onto `mesh` when given."""
     import jax
 
     import k2jax
 
     text = args.prompt is not None
     if args.checkpoint:
-        config, params = k2jax.load(args.checkpoint)
+        config, params = k2jax.load(args.checkpoint, mesh)
         tokenizer = None
         if text:
             from k2jax.text import load_tokenizer
@@ -132,7 +137,11 @@ def run(args: argparse.Namespace) -> int:
     _check_args(args)
     options = {k: getattr(args, k) for k in SAMPLING_OPTIONS + ENGINE_OPTIONS
                if getattr(args, k) is not None}
-    config, params, tokenizer = _model(args)
+    if args.mesh:
+        from k2jax import sharding
+
+        options["mesh"] = sharding.make_mesh(args.mesh)
+    config, params, tokenizer = _model(args, options.get("mesh"))
     prompts = args.prompt_ids if args.prompt is None else args.prompt
     if args.chat:
         prompts = [[{"role": "user", "content": text}] for text in prompts]

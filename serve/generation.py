@@ -17,21 +17,25 @@ import numbers
 import os
 from typing import Any, Iterable, Iterator
 
+import jax
+
+from k2jax import sharding
 from serve.engine import Engine, GenerationResult, StreamDelta
 from serve.sampling import SamplingParams
 from serve.scheduler import bucket
 
 ENGINE_OPTIONS = ("max_batch", "max_seq_len", "page_size", "num_pages", "cache_dtype",
-                  "prefill_chunk", "prefix_sharing")
+                  "prefill_chunk", "prefix_sharing", "mesh")
 MAX_DEFAULT_BATCH = 64
 
 
-def load_model(model_or_checkpoint):
-    """`(config, params)` from a pair or a checkpoint directory."""
+def load_model(model_or_checkpoint, mesh=None):
+    """`(config, params)` from a pair or a checkpoint directory (read straight onto `mesh`'s
+    parameter shardings, each device's chunks only, when given)."""
     if isinstance(model_or_checkpoint, (str, os.PathLike)):
         import k2jax
 
-        return k2jax.load(model_or_checkpoint)
+        return k2jax.load(model_or_checkpoint, mesh)
     if isinstance(model_or_checkpoint, tuple) and len(model_or_checkpoint) == 2:
         return model_or_checkpoint
     raise TypeError("model must be a checkpoint path or a (config, params) pair, got "
@@ -81,14 +85,27 @@ def _split_options(kwargs: dict[str, Any]):
     return engine, kwargs
 
 
+def resolve_mesh(engine_options: dict[str, Any]):
+    """The `mesh` engine option as a `Mesh` (made from a spec such as `"expert=8"`), stored
+    back into `engine_options`; None when absent."""
+    mesh = engine_options.get("mesh")
+    if mesh is not None and not isinstance(mesh, jax.sharding.Mesh):
+        mesh = engine_options["mesh"] = sharding.make_mesh(mesh)
+    return mesh
+
+
 def make_engine(model_or_checkpoint, prompts: list[list[int]], params: list[SamplingParams],
                 tokenizer=None, **engine_options) -> Engine:
     """An `Engine` sized for these prompts unless the options say otherwise: slots for every
     completion (up to 64) and a context just long enough, both rounded up to powers of two so
-    that later calls reuse the compiled programs."""
-    config, model_params = load_model(model_or_checkpoint)
+    that later calls reuse the compiled programs. `mesh` may be a `Mesh` or its spec
+    (`"expert=8"`); slots then come in multiples of its size."""
+    mesh = resolve_mesh(engine_options)
+    config, model_params = load_model(model_or_checkpoint, mesh)
     completions = sum(p.n for p in params)
-    engine_options.setdefault("max_batch", bucket(completions, MAX_DEFAULT_BATCH))
+    devices = 1 if mesh is None else mesh.size
+    engine_options.setdefault(
+        "max_batch", -(-bucket(completions, MAX_DEFAULT_BATCH) // devices) * devices)
     longest = max(len(t) + p.max_new_tokens for t, p in zip(prompts, params))
     engine_options.setdefault("max_seq_len", bucket(longest, config.max_position_embeddings, 64))
     detokenize = tokenizer.decode if tokenizer is not None else None
@@ -138,7 +155,8 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
         `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`, `frequency_penalty`, `n`,
         `stop`, `stop_token_ids`, `seed`, `logprobs`) and `Engine` options (`max_batch`,
         `max_seq_len`, `page_size`, `num_pages`, `cache_dtype`, `prefill_chunk`,
-        `prefix_sharing`). Anything else raises.
+        `prefix_sharing`, `mesh`: a `Mesh` or a spec such as `"expert=8"`). Anything else
+        raises.
     """
     from serve import chat  # chat builds on this module
 

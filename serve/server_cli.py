@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=8000, help="default %(default)s")
     parser.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                         help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    parser.add_argument("--mesh", metavar="AXES",
+                        help="device mesh to serve on, as `k2jax train --mesh`: e.g. expert=8, "
+                             "expert=4,tensor=2, data=2,expert=4 (default: one device)")
     parser.add_argument("--max-batch", type=int, default=8,
                         help="sequences decoded together (default %(default)s)")
     parser.add_argument("--max-seq-len", type=int,
@@ -60,13 +63,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         choices=("critical", "error", "warning", "info", "debug"))
 
 
-def load_model_and_tokenizer(args):
-    """`(config, params, tokenizer, model_name)` from the command-line arguments."""
+def load_model_and_tokenizer(args, mesh=None):
+    """`(config, params, tokenizer, model_name)` from the command-line arguments; a checkpoint
+    is read straight onto `mesh` (each device's shards only) when given."""
     import k2jax
     from k2jax.text import load_tokenizer
 
     if args.checkpoint:
-        config, params = k2jax.load(args.checkpoint)
+        config, params = k2jax.load(args.checkpoint, mesh)
         name = os.path.basename(os.path.normpath(args.checkpoint))
         try:
             tokenizer = load_tokenizer(args.tokenizer or args.checkpoint)
@@ -146,15 +150,22 @@ def run(args: argparse.Namespace) -> int:
         listener = socket.create_server((args.host, args.port))
     except OSError as e:
         raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    config, params, tokenizer, model_name = load_model_and_tokenizer(args)
+    mesh = None
+    if args.mesh:
+        from k2jax import sharding
+
+        mesh = sharding.make_mesh(args.mesh)
+    config, params, tokenizer, model_name = load_model_and_tokenizer(args, mesh)
     engine = Engine(config, params, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
-                    detokenize=chat.detokenizer(tokenizer))
+                    detokenize=chat.detokenizer(tokenizer), mesh=mesh)
     context = engine.max_seq_len
     limits = ServerLimits(max_seq_len=context,
                           max_prompt_tokens=args.max_prompt_tokens or context - 1,
                           max_tokens=args.max_tokens or context - 1)
     print(f"serving {model_name!r} on http://{args.host}:{args.port}/v1 (context {context}, "
-          f"max batch {args.max_batch}{', API key required' if args.api_key else ''})",
+          f"max batch {args.max_batch}"
+          f"{f', mesh {args.mesh}' if mesh is not None else ''}"
+          f"{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)
     return serve_engine(engine, tokenizer, listener, model_name=model_name, limits=limits,
                         api_key=args.api_key, log_level=args.log_level)

@@ -57,7 +57,7 @@ TOOLS = [{"type": "function", "function": {
                    "required": ["city"]}}}]
 
 
-@pytest.mark.parametrize("which", [0, 1])
+@pytest.mark.parametrize("which", range(len(_commands("k2jax serve"))))
 def test_serve_commands_take_tools_and_heavy_mode(converted, which):
     command = _commands("k2jax serve")[which]
     process, url = _serve(command, converted)
@@ -69,6 +69,12 @@ def test_serve_commands_take_tools_and_heavy_mode(converted, which):
                                                 max_tokens=8, temperature=0)
         assert answer.choices[0].finish_reason in ("length", "stop", "tool_calls")
         assert answer.usage.prompt_tokens > 128  # the tiny preset's context used to be 128
+        chunks = client.chat.completions.create(model=model, messages=messages, tools=TOOLS,
+                                                max_tokens=8, temperature=0, stream=True)
+        streamed = [c.choices[0] for c in chunks if c.choices]
+        assert streamed[-1].finish_reason == answer.choices[0].finish_reason
+        assert "".join(c.delta.content or "" for c in streamed) == (
+            answer.choices[0].message.content or "")
         heavy = client.chat.completions.create(model=model, messages=messages, max_tokens=4,
                                                extra_body={"heavy": {"n": 2}})
         assert heavy.choices[0].message is not None

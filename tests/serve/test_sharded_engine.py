@@ -136,3 +136,12 @@ def test_mesh_refuses_batch_and_pages_that_do_not_split(params):
     with pytest.raises(ValueError, match=r"\(4 per device\) cannot hold one sequence"):
         Engine(CONFIG, params, mesh=mesh, max_batch=8, max_seq_len=64, page_size=8,
                num_pages=32)
+
+
+def test_checkpoint_layout_engine_equals_one_device(params, single_device, monkeypatch):
+    """Accelerators compute with the checkpoint's stacked tree as loaded (no second copy of
+    the weights): that path, forced here on CPU, gives the same tokens on a mesh."""
+    monkeypatch.setattr(engine_module, "uses_serving_layout", lambda: False)
+    engine = Engine(CONFIG, params, mesh=sharding.make_mesh("expert=4,tensor=2"), **ENGINE)
+    assert not engine.serving_layout
+    assert _run(engine) == single_device
