@@ -2,6 +2,7 @@
 
     python benchmarks/generate.py                 # table; --write saves results/generate.json
     python benchmarks/generate.py --batches 1 8 --new-tokens 8    # a shorter run
+    python benchmarks/generate.py --mesh expert=8  # adds the engine on an 8-device mesh
 
 One process, one device, the same random weights in both (an HF `DeepseekV3ForCausalLM` with
 every parameter random, read into the k2jax tree as `tests/hf_reference.py` does), float32 in
@@ -18,6 +19,14 @@ k2jax runs each shape once untimed first (compilation), with other prompts, so t
 never helps; the page-table width stays at its minimum bucket throughout, so nothing
 recompiles. HF runs a warm-up generate too. The k2jax cache is the compressed MLA latent, in
 the model dtype; HF keeps its own (expanded) cache.
+
+`--mesh AXES` adds a row per batch for the same engine on a device mesh (the process then runs
+with that many simulated CPU devices, `--xla_force_host_platform_device_count`, for every row):
+the weights placed by the sharding rules, experts expert-parallel, pages and rows split over the
+devices, `max_batch` rounded up to a multiple of the device count. On CPU the simulated devices
+share the same cores, so this row shows that the sharded layout runs and what its collectives
+and per-device programs cost, not a speed-up; on accelerators each device has its own memory
+bandwidth.
 
 Roofline (every batch): a decode step must read the weights it uses (everything but the routed
 experts no row chose: at batch B, E(1 - (1 - K/E)^B) of the E are expected to be chosen) and
@@ -39,9 +48,26 @@ import time
 
 import _results  # benchmarks/_results.py, beside this script
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+
+def _force_cpu_devices(argv: list[str]) -> None:
+    """`--mesh` needs its devices before JAX starts: simulate that many on CPU."""
+    spec = next((b for a, b in zip(argv, argv[1:]) if a == "--mesh"), None)
+    spec = spec or next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
+    if not spec:
+        return
+    count = 1
+    for part in spec.split(","):
+        count *= int(part.split("=")[1])
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+
+
+_force_cpu_devices(sys.argv[1:])
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -121,15 +147,19 @@ def _summary(ttft: float, steps, batch: int) -> dict[str, float]:
 
 
 def bench_k2jax(config, params, prompts: np.ndarray, warmup: np.ndarray,
-                new_tokens: int, max_seq_len: int | None = None) -> dict[str, float]:
+                new_tokens: int, max_seq_len: int | None = None,
+                mesh=None) -> dict[str, float]:
     """The engine's TTFT and decode speed; its page pool holds every slot at `max_seq_len`
-    (by default the shortest power of two that fits the run)."""
+    (by default the shortest power of two that fits the run). On a `mesh` the slots are
+    rounded up to a multiple of its devices."""
     from serve.engine import Engine
     from serve.sampling import SamplingParams
 
     batch, prompt_len = prompts.shape
-    engine = Engine(config, params, max_batch=batch, page_size=16,
-                    max_seq_len=max_seq_len or 1 << (prompt_len + new_tokens - 1).bit_length())
+    shards = 1 if mesh is None else mesh.size
+    engine = Engine(config, params, max_batch=-(-batch // shards) * shards, page_size=16,
+                    max_seq_len=max_seq_len or 1 << (prompt_len + new_tokens - 1).bit_length(),
+                    mesh=mesh)
 
     def run(rows, n):
         """Seconds of each engine step generating n tokens per row. The first step prefills
@@ -156,18 +186,23 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--preset", default="small")
+    parser.add_argument("--mesh", default=None,
+                        help="also run the engine on this mesh, e.g. expert=8 (simulated CPU "
+                             "devices)")
     _results.add_arguments(parser, "generate")
     args = parser.parse_args(argv)
 
     import torch
 
     import k2jax
+    from k2jax import sharding
     from tests.hf_reference import params_from_hf_model, random_hf_model
 
     config = k2jax.ModelConfig.preset(args.preset).replace(dtype="float32")
     hf = random_hf_model(config, seed=0, std=0.02)
     params = jax.tree.map(jnp.asarray, params_from_hf_model(config, hf))
     rng = np.random.default_rng(0)
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
 
     def prompts_and_warmup(batch):
         """Two sets of `batch` random prompts: timed, and untimed for compilation."""
@@ -187,6 +222,11 @@ def main(argv=None) -> int:
         row = {"batch": batch, "hf": theirs, "k2jax": ours,
                "decode_speedup": ours["decode_tok_s"] / theirs["decode_tok_s"],
                "ttft_speedup": theirs["ttft_s"] / ours["ttft_s"]}
+        if mesh is not None:
+            sharded = bench_k2jax(config, params, prompts, warmup, args.new_tokens, mesh=mesh)
+            row["k2jax_mesh"] = dict(sharded, mesh=args.mesh, devices=mesh.size,
+                                     vs_one_device=sharded["decode_tok_s"]
+                                     / ours["decode_tok_s"])
         context = args.prompt_len + args.new_tokens // 2
         nbytes = decode_bytes(config, params, batch, context, 4)
         bound = nbytes / (max(bandwidth.values()) * 1e9)
@@ -217,6 +257,15 @@ def main(argv=None) -> int:
               f"{hf['decode_tok_s']:>16.1f} {ours['decode_tok_s']:>19.1f} "
               f"{r['decode_speedup']:>9.2f} "
               f"{ours['best_decode_tok_s'] / hf['best_decode_tok_s']:>7.2f}")
+    if mesh is not None:
+        print(f"\nthe same engine on mesh {args.mesh} ({mesh.size} simulated CPU devices on "
+              f"the same {load['cpus']} cores: the layout runs; its cost, not a speed-up)")
+        print(f"{'batch':>5} {'1-device tok/s':>15} {'mesh ttft s':>12} {'mesh decode tok/s':>18} "
+              f"{'mesh / 1 device':>16}")
+        for r in rows:
+            m = r["k2jax_mesh"]
+            print(f"{r['batch']:>5} {r['k2jax']['decode_tok_s']:>15.1f} {m['ttft_s']:>12.3f} "
+                  f"{m['decode_tok_s']:>18.1f} {m['vs_one_device']:>16.2f}")
     print(f"\nmemory roofline: bytes a decode step must read at {max(bandwidth.values()):.1f} "
           f"GB/s copy bandwidth")
     print(f"{'batch':>5} {'MB/step':>8} {'bound ms':>9} {'k2jax ms':>9} {'best ms':>8} "
@@ -232,6 +281,7 @@ def main(argv=None) -> int:
     _results.write(args, "generate", {
         "preset": args.preset, "dtype": "float32", "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens, "device": jax.devices()[0].device_kind,
+        "mesh": args.mesh,
         "machine": load, "bandwidth": bandwidth, "rows": rows,
         "batch1_pool_4096_tokens": big_pool})
     return 0
