@@ -23,7 +23,7 @@ COMMANDS = {
     "train": ("train.cli", "QAT fine-tuning"),
     "generate": ("serve.generate_cli", "batched generation from the command line"),
     "serve": ("serve.server_cli", "OpenAI-compatible HTTP server"),
-    "plan": ("k2jax.plan", "compile a config against an abstract mesh and report memory"),
+    "plan": ("plan.cli", "compile a config against an abstract mesh and report memory"),
 }
 
 

@@ -153,6 +153,49 @@ def _place_params(config: ModelConfig, params, mesh, serving_layout: bool):
                                                            serving_layout=serving_layout))
 
 
+def lower_step(config: ModelConfig, mesh, *, rows: int, tokens_per_row: int, context: int,
+               page_size: int = 16, cache_dtype=None) -> dict:
+    """The engine's two programs for one step, lowered with abstract inputs placed as `Engine`
+    places them on `mesh` (the checkpoint layout, as on accelerators): `_forward` over `rows`
+    rows of `tokens_per_row` new tokens (1: decode; more: a prefill chunk), each row's page
+    table covering `context` tokens, the pool holding `rows` such sequences; then `_sample`.
+
+    Returns `{"forward": Lowered, "sample": Lowered, "parts": {name: abstract tree}}` with the
+    parts params, cache (the page pools), inputs and sampler (penalty state), for `k2jax plan`.
+    Call inside `sharding.activate(mesh)`.
+    """
+    pages_per_row = -(-context // page_size)
+    num_pages = rows * pages_per_row
+    dtype = jnp.dtype(cache_dtype or config.dtype)
+    shapes = jax.eval_shape(lambda: paged_cache.init_pages(config, num_pages, page_size, dtype))
+    pools = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype,
+                                                        sharding=paged_cache.pool_sharding(mesh)),
+                         shapes)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          k2jax.param_shapes(config),
+                          sharding.param_shardings(config, mesh, serving_layout=False))
+    rows_sh = paged_cache.rows_sharding(mesh)
+
+    def row_input(*shape):
+        return jax.ShapeDtypeStruct((rows, *shape), jnp.int32, sharding=rows_sh)
+
+    inputs = (row_input(tokens_per_row), row_input(tokens_per_row), row_input(pages_per_row),
+              row_input())
+    forward = _forward.lower(config, params, pools, *inputs, mesh=mesh, serving_layout=False)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    penalty = tuple(jax.ShapeDtypeStruct((rows, config.vocab_size), dtype, sharding=replicated)
+                    for dtype in (jnp.bool_, jnp.int32))
+    logits = jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32, sharding=rows_sh)
+    pad_floats, pad_ints = sampling.padding_row()
+    steering = sampling.steering_arrays([()] * rows, [None] * rows, config.vocab_size,
+                                        lambda n: bucket(n, sampling.INT32_MAX))
+    sample = _sample.lower(logits, penalty, np.zeros(rows, np.int32),
+                           np.tile(np.asarray(pad_floats, np.float32), (rows, 1)),
+                           np.tile(np.asarray(pad_ints, np.int32), (rows, 1)), steering)
+    return {"forward": forward, "sample": sample,
+            "parts": {"params": params, "cache": pools, "inputs": inputs, "sampler": penalty}}
+
+
 class Engine:
     """Continuous-batching generation for one model.
 

@@ -16,12 +16,16 @@ A step:
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from k2jax.config import ModelConfig
-from train import balance, mesh as train_mesh, optimizer, qat, qk_clip
+from k2jax import api
+from train import balance, data, mesh as train_mesh, optimizer, qat, qk_clip
+from train.checkpointing import abstract_with_shardings
 from train.config import TrainConfig
 from train.forward import forward
 from train.loss import weighted_loss_sum
@@ -116,3 +120,48 @@ def jit_step(step, state, batch, model_config: ModelConfig, mesh):
                      out_shardings=(state_sh, train_mesh.replicated(mesh)), donate_argnums=0)
     return jitted, state_sh, batch_sh
 
+
+
+def training_configs(config: ModelConfig, cfg: TrainConfig) -> tuple[tuple[str, ...], ModelConfig]:
+    """`(qat_groups, model_config)` for the stored model `config`: the groups trained with fake
+    quantization, and the config the training forward runs (nothing INT4, compute dtype)."""
+    qat_groups = config.quantized_linears if cfg.qat_groups is None else cfg.qat_groups
+    model_config = config.replace(quantized_linears=(), dtype=cfg.compute_dtype)
+    # Re-validates the group sizes: a QAT group must be quantizable in this model.
+    config.replace(quantized_linears=tuple(qat_groups))
+    return tuple(qat_groups), model_config
+
+
+class StepProgram(NamedTuple):
+    """The jitted training step of a run and everything its inputs are made from."""
+    jitted: object  # (state, batch) -> (state, metrics), state donated
+    state: dict  # abstract state, each leaf with its sharding
+    batch: dict  # abstract batch `[A, B/A, T]` per field, with shardings
+    state_shardings: dict
+    batch_shardings: dict
+    model_config: ModelConfig
+    qat_groups: tuple[str, ...]
+    tx: optax.GradientTransformation
+    trainable: frozenset
+
+    def lower(self):
+        return self.jitted.lower(self.state, self.batch)
+
+
+def build(config: ModelConfig, cfg: TrainConfig, mesh) -> StepProgram:
+    """The step `k2jax train` runs for the stored model `config` under `cfg` on `mesh`, with
+    abstract state and batch. Call inside `k2jax.sharding.activate(mesh)`."""
+    qat_groups, model_config = training_configs(config, cfg)
+    tx = optimizer.make_optimizer(cfg)
+    abstract_params = jax.eval_shape(qat.master_params, api.param_shapes(model_config))
+    trainable = optimizer.trainable_paths(abstract_params, cfg.trainable)
+    state = jax.eval_shape(lambda p: init_state(p, tx, trainable), abstract_params)
+    rows = cfg.batch_size // cfg.grad_accum
+    batch = {k: jax.ShapeDtypeStruct((cfg.grad_accum, rows, cfg.seq_len),
+                                     jnp.float32 if k == "weights" else jnp.int32)
+             for k in data.BATCH_FIELDS}
+    step = make_step(model_config, cfg, qat_groups, trainable, tx)
+    jitted, state_sh, batch_sh = jit_step(step, state, batch, model_config, mesh)
+    return StepProgram(jitted, abstract_with_shardings(state, state_sh),
+                       abstract_with_shardings(batch, batch_sh), state_sh, batch_sh,
+                       model_config, qat_groups, tx, trainable)

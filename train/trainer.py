@@ -17,13 +17,12 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 
 from k2jax import api, checkpoint, sharding
 from k2jax.config import ModelConfig
-from train import data, interrupt, metrics as metrics_lib, mesh as train_mesh, optimizer, qat
+from train import data, interrupt, metrics as metrics_lib, mesh as train_mesh, qat
 from train import step as step_lib
-from train.checkpointing import Checkpoints, abstract_with_shardings
+from train.checkpointing import Checkpoints
 from train.config import TrainConfig, TrainConfigError
 
 
@@ -34,11 +33,7 @@ def model_setup(cfg: TrainConfig):
         config = checkpoint.read_config(cfg.checkpoint)
     else:
         config = ModelConfig.preset(cfg.preset)
-    qat_groups = config.quantized_linears if cfg.qat_groups is None else cfg.qat_groups
-    model_config = config.replace(quantized_linears=(), dtype=cfg.compute_dtype)
-    # Re-validates the group sizes: a QAT group must be quantizable in this model.
-    config.replace(quantized_linears=tuple(qat_groups))
-    return config, tuple(qat_groups), model_config
+    return (config, *step_lib.training_configs(config, cfg))
 
 
 def initial_state(cfg: TrainConfig, model_config: ModelConfig, tx, trainable, mesh, state_sh):
@@ -86,40 +81,27 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
     corpus = data.JsonlCorpus(cfg.data, tokenizer)
     corpus.validate()  # before the run directory exists and the step compiles
     packer = data.Packer(corpus, cfg.seq_len, cfg.seed)
-    tx = optimizer.make_optimizer(cfg)
-    abstract_params = jax.eval_shape(qat.master_params, api.param_shapes(model_config))
-    trainable = optimizer.trainable_paths(abstract_params, cfg.trainable)
-    abstract_state = jax.eval_shape(lambda p: step_lib.init_state(p, tx, trainable),
-                                    abstract_params)
-    rows = cfg.batch_size // cfg.grad_accum
-    abstract_batch = {k: jax.ShapeDtypeStruct((cfg.grad_accum, rows, cfg.seq_len),
-                                              jnp.float32 if k == "weights" else jnp.int32)
-                      for k in data.BATCH_FIELDS}
-    step_fn = step_lib.make_step(model_config, cfg, qat_groups, trainable, tx)
-
     ckpts = Checkpoints(cfg.out, cfg.checkpoint_every, cfg.keep_checkpoints)
     try:
         with sharding.activate(mesh):
-            jitted, state_sh, batch_sh = step_lib.jit_step(step_fn, abstract_state,
-                                                           abstract_batch, model_config, mesh)
+            program = step_lib.build(config, cfg, mesh)
+            state_sh, batch_sh = program.state_shardings, program.batch_shardings
             step = _start_step(cfg, ckpts, resume, quiet)
             if jax.process_index() == 0:
                 cfg.save(cfg.out)  # from here on, even a run stopped at step 0 can resume
             if stop.received:
                 return {}, step
             if step:
-                state, data_state = ckpts.restore(
-                    step, abstract_with_shardings(abstract_state, state_sh))
+                state, data_state = ckpts.restore(step, program.state)
                 packer.restore(data_state)
             else:
-                state = initial_state(cfg, model_config, tx, trainable, mesh, state_sh)
+                state = initial_state(cfg, model_config, program.tx, program.trainable, mesh,
+                                      state_sh)
             log = metrics_lib.MetricsLog(cfg.out, step, quiet)
             last = {}
             # Checked before the wait for the compilation; a complete run only exports.
             if not stop.received and step < cfg.steps:
-                compiled = jitted.lower(abstract_with_shardings(abstract_state, state_sh),
-                                        abstract_with_shardings(abstract_batch, batch_sh)
-                                        ).compile()
+                compiled = program.lower().compile()
                 state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log,
                                           model_config, step, stop)
     finally:

@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import AbstractMesh
 
 import k2jax
-from k2jax import cli, expert_parallel, plan, sharding
+import plan
+from k2jax import cli, expert_parallel, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = k2jax.ModelConfig.preset("tiny")
