@@ -57,7 +57,7 @@ def test_plan_command_prints_what_the_readme_shows(user):
     # Exact figures; compile time and XLA:CPU's activation and collective estimates vary with
     # the machine and the XLA version.
     exact = ("expert-parallel", "parameters", "per device", "params", "cache", "inputs",
-             "outputs", "fits", "collectives")
+             "sampler", "outputs", "fits", "collectives")
     assert ([line for line in printed if line.strip().startswith(exact)] ==
             [line for line in shown if line.strip().startswith(exact)])
     assert printed[0].startswith(shown[0].split(" (")[0])
