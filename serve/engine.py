@@ -110,20 +110,38 @@ def _forward(config, params, pools, tokens_bt, positions_bt, table_bw, last_b, m
     return logits_b1v[:, 0], paged_cache.pools_of(cache)
 
 
-@functools.partial(jax.jit, donate_argnames="penalty")
-def _sample(logits_bv, penalty, slots_b, row_floats, row_ints, steering):
-    """Samples each row and counts the tokens of rows kept (`slots_b` in range).
-
-    A program of its own: it compiles once per batch bucket (and bias / mask width), not once
-    per model shape. `penalty` is `(prompt_mask [max_batch, V], counts [max_batch, V])` by
-    slot; `steering` the rows' `sampling.Steering`. Returns `(Sampled, penalty)`.
-    """
+def _sample_rows(logits_bv, penalty, slots_b, row_floats, row_ints, steering):
+    """Samples each row and counts the tokens of rows kept (`slots_b` in range of `penalty`)."""
     prompt_mask_sv, counts_sv = penalty
     rows = functools.partial(jnp.take, indices=slots_b, axis=0, mode="fill", fill_value=0)
     out = sampling.sample(logits_bv, row_floats, row_ints,
                           lambda: (rows(prompt_mask_sv), rows(counts_sv)), steering)
     counts_sv = counts_sv.at[slots_b, out.tokens].add(1, mode="drop")
     return out, (prompt_mask_sv, counts_sv)
+
+
+@functools.partial(jax.jit, static_argnames="mesh", donate_argnames="penalty")
+def _sample(logits_bv, penalty, slots_b, row_floats, row_ints, steering, mesh=None):
+    """Samples each row and counts the tokens of rows kept.
+
+    A program of its own: it compiles once per batch bucket (and bias / mask width), not once
+    per model shape. `penalty` is `(prompt_mask [max_batch, V], counts [max_batch, V])` by
+    slot; `steering` the rows' `sampling.Steering`; `slots_b` each row's slot within its pool
+    shard (`slots_per_shard`: none). Returns `(Sampled, penalty)`.
+
+    On a mesh every device samples its own block of rows with the full vocabulary of those
+    rows only, and holds the penalty rows of its own slots: no device gathers the `[B, V]`
+    logits of the batch, and each row's arithmetic is the single-device sampler's, so tokens,
+    penalties and logprobs are exactly those of one device.
+    """
+    if mesh is None:
+        return _sample_rows(logits_bv, penalty, slots_b, row_floats, row_ints, steering)
+    rows = paged_cache.rows_sharding(mesh).spec
+    # Nothing here crosses devices; the sampler's `lax.cond`s mix per-device values with
+    # constants, which the varying-axes check would reject.
+    return jax.shard_map(_sample_rows, mesh=mesh, in_specs=(rows,) * 6, out_specs=(rows, rows),
+                         check_vma=False)(
+        logits_bv, penalty, slots_b, row_floats, row_ints, steering)
 
 
 @functools.partial(jax.jit, donate_argnames="penalty")
@@ -182,8 +200,7 @@ def lower_step(config: ModelConfig, mesh, *, rows: int, tokens_per_row: int, con
     inputs = (row_input(tokens_per_row), row_input(tokens_per_row), row_input(pages_per_row),
               row_input())
     forward = _forward.lower(config, params, pools, *inputs, mesh=mesh, serving_layout=False)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    penalty = tuple(jax.ShapeDtypeStruct((rows, config.vocab_size), dtype, sharding=replicated)
+    penalty = tuple(jax.ShapeDtypeStruct((rows, config.vocab_size), dtype, sharding=rows_sh)
                     for dtype in (jnp.bool_, jnp.int32))
     logits = jax.ShapeDtypeStruct((rows, config.vocab_size), jnp.float32, sharding=rows_sh)
     pad_floats, pad_ints = sampling.padding_row()
@@ -191,7 +208,8 @@ def lower_step(config: ModelConfig, mesh, *, rows: int, tokens_per_row: int, con
                                         lambda n: bucket(n, sampling.INT32_MAX))
     sample = _sample.lower(logits, penalty, np.zeros(rows, np.int32),
                            np.tile(np.asarray(pad_floats, np.float32), (rows, 1)),
-                           np.tile(np.asarray(pad_ints, np.int32), (rows, 1)), steering)
+                           np.tile(np.asarray(pad_ints, np.int32), (rows, 1)), steering,
+                           mesh=mesh)
     return {"forward": forward, "sample": sample,
             "parts": {"params": params, "cache": pools, "inputs": inputs, "sampler": penalty}}
 
@@ -259,9 +277,9 @@ class Engine:
         self.pools = paged_cache.init_pages(config, num_pages, page_size, self.cache_dtype, mesh)
         self.allocator = PageAllocator(num_pages, page_size, shards)
         self.scheduler = Scheduler(max_batch, self.allocator, prefix_sharing)
-        # Per slot: prompt tokens and output-token counts, reset for requests with penalties.
-        on = None if mesh is None else jax.sharding.NamedSharding(mesh,
-                                                                  jax.sharding.PartitionSpec())
+        # Per slot: prompt tokens and output-token counts, reset for requests with penalties;
+        # on a mesh each device holds the rows of its own slots.
+        on = None if mesh is None else paged_cache.rows_sharding(mesh)
         self.penalty = (jnp.zeros((max_batch, config.vocab_size), bool, device=on),
                         jnp.zeros((max_batch, config.vocab_size), jnp.int32, device=on))
         self._rng = np.random.default_rng(seed)
@@ -465,19 +483,21 @@ class Engine:
                        self.max_pages_per_seq, -(-MIN_CONTEXT_BUCKET // self.page_size))
         # Page ids local to each row's shard; one past the shard's pages is unallocated.
         table = np.full((rows, width), self.allocator.pages_per_shard, np.int32)
-        slots = np.full(rows, self.max_batch, np.int32)
+        per_shard = self.scheduler.slots_per_shard
+        slots = np.full(rows, per_shard, np.int32)
         for r, seq in enumerate(row_seqs):
             if seq is not None:
                 table[r, :len(seq.pages)] = self.allocator.local(seq.pages)
         for r, seq in samplers.items():
-            slots[r] = seq.slot
+            slots[r] = seq.slot % per_shard
         inputs = (tokens, positions, table, last)
         if self.mesh is not None:
             inputs = jax.device_put(inputs, paged_cache.rows_sharding(self.mesh))
         with self._on_mesh():
             logits, self.pools = _forward(self.config, self.params, self.pools, *inputs,
                                           mesh=self.mesh, serving_layout=self.serving_layout)
-            out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering)
+            out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering,
+                                        mesh=self.mesh)
         return jax.device_get(out), sorted(samplers.items())
 
     def _sampling_row(self, seq: Sequence):

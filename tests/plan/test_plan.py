@@ -86,8 +86,9 @@ def test_full_k2_thinking_serve_plan_matches_analytic_count():
     # The page pool holds 16 sequences of 2048 tokens, split over the 8 devices.
     layers, cache_width = config.num_hidden_layers, config.cache_width
     assert parts["cache"] == layers * 16 * 2048 * cache_width * 2 // 8
-    # The sampler keeps a prompt mask (bool) and output counts (int32) per row and token.
-    assert parts["sampler"] == 16 * config.vocab_size * 5
+    # The sampler keeps a prompt mask (bool) and output counts (int32) per slot and token,
+    # each device those of its own slots.
+    assert parts["sampler"] == 16 * config.vocab_size * 5 // 8
     assert report["collective_bytes_per_step"]["all-to-all"] > 0
     assert report["fits"] is True
 
