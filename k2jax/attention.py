@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from k2jax import quant, rotary
 from k2jax.config import ModelConfig
 from k2jax.layers import Linear, RMSNorm
+from pallas_kernels.attention import attention
 
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros rather than NaN
 
@@ -89,12 +90,6 @@ def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
     if q_seg_bt is not None:
         mask &= q_seg_bt[:, :, None] == kv_seg_bs[:, None, :]
     return mask[:, :, None, :]
-
-
-def masked_softmax(scores_btns, mask_bt1s):
-    scores = jnp.where(mask_bt1s, scores_btns.astype(jnp.float32), NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.where(mask_bt1s, probs, 0.0)
 
 
 class MLAttention(nn.Module):
@@ -192,11 +187,9 @@ class MLAttention(nn.Module):
         k_pe_bsnr = jnp.broadcast_to(k_pe_bsr[:, :, None, :], (*k_nope_bsnh.shape[:3],
                                                                cfg.qk_rope_head_dim))
         k_bsnk = jnp.concatenate([k_nope_bsnh, k_pe_bsnr], axis=-1)
-        scores = jnp.einsum("btnk,bsnk->btns", q_btnk, k_bsnk,
-                            preferred_element_type=jnp.float32) * cfg.softmax_scale
-        mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
-        probs = masked_softmax(scores, mask).astype(v_bsnu.dtype)
-        return jnp.einsum("btns,bsnu->btnu", probs, v_bsnu)
+        # Blockwise (online softmax): memory grows with T, not T^2.
+        return attention(q_btnk, k_bsnk, v_bsnu, positions_bt, positions_bt, segment_ids_bt,
+                         segment_ids_bt, scale=cfg.softmax_scale)
 
     def _absorbed(self, q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt, cache):
         cfg = self.config
@@ -206,10 +199,10 @@ class MLAttention(nn.Module):
         dtype = q_nope_btnh.dtype
         ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
         q_latent_btnc = jnp.einsum("btnh,nhc->btnc", q_nope_btnh, w_uk_nhc)
-        scores = (jnp.einsum("btnc,bsc->btns", q_latent_btnc, ckv,
-                             preferred_element_type=jnp.float32)
-                  + jnp.einsum("btnr,bsr->btns", q_pe_btnr, kpe,
-                               preferred_element_type=jnp.float32)) * cfg.softmax_scale
-        probs = masked_softmax(scores, attention_mask(positions_bt, kv_pos_bs)).astype(dtype)
-        out_latent_btnc = jnp.einsum("btns,bsc->btnc", probs, ckv)
+        # One key `[C + R]` and value `[C]` per cached token shared by all heads (G = 1),
+        # attended block by block: never a `[T, S]` score matrix for the whole context.
+        q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
+        k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
+        out_latent_btnc = attention(q_btnk, k_bs1k, ckv[:, :, None, :], positions_bt,
+                                    kv_pos_bs, scale=cfg.softmax_scale)
         return jnp.einsum("btnc,nuc->btnu", out_latent_btnc, w_uv_nuc), cache
