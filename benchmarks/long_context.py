@@ -19,6 +19,7 @@ measured in this process, in order of length.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import pathlib
@@ -91,8 +92,12 @@ def main(argv=None) -> int:
 
     import k2jax
 
-    config = k2jax.ModelConfig.preset("tiny").replace(dtype="float32",
-                                                      max_position_embeddings=max(args.lengths))
+    tiny = k2jax.ModelConfig.preset("tiny")
+    # A context long enough for the longest row, YaRN stretched to match.
+    context = max(max(args.lengths), tiny.max_position_embeddings)
+    rope = dataclasses.replace(
+        tiny.rope_scaling, factor=context / tiny.rope_scaling.original_max_position_embeddings)
+    config = tiny.replace(dtype="float32", max_position_embeddings=context, rope_scaling=rope)
     params = k2jax.init_params(config, jax.random.key(0))
     memory_gib = args.memory_gib or _available_gib() - 2
     rows = []

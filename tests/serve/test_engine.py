@@ -169,3 +169,38 @@ def test_bad_input_raises_before_running(model):
         generate(model, [[CONFIG.vocab_size]], **ENGINE)
     with pytest.raises(TypeError, match="checkpoint path or a"):
         generate(object(), PROMPTS)
+
+
+def test_long_prompt_prefills_in_chunks_while_others_decode(model):
+    """A 200-token prompt (13 chunks) admitted while 4 short requests decode: every engine step
+    caches one more chunk of it and gives each short request its next token, and every output
+    equals that request run alone."""
+    config, params = model
+    options = dict(max_seq_len=256, page_size=8, prefill_chunk=16, prefix_sharing=False)
+    shorts = [[5, 6, 7], [9, 4], [30, 31, 32, 33], [11]]
+    long_prompt = list(range(3, 3 + 200))
+    sampling = SamplingParams(max_new_tokens=30, temperature=0)
+
+    def alone(prompt):
+        engine = Engine(config, params, max_batch=1, **options)
+        request = engine.add_request(prompt, sampling)
+        while engine.has_unfinished():
+            engine.step()
+        return engine.pop_result(request).token_ids
+
+    engine = Engine(config, params, max_batch=5, **options)
+    ids = [engine.add_request(p, sampling) for p in shorts]
+    engine.step()  # prefills the short prompts, samples and decodes their first tokens
+    long_id = engine.add_request(long_prompt, sampling)
+    chunks = -(-len(long_prompt) // 16)
+    for step in range(chunks):
+        deltas = engine.step()
+        produced = {d.request_id for d in deltas if d.token_ids}
+        assert set(ids) <= produced, f"a short request stalled at step {step}"
+        (prefilling,) = [s for s in engine.scheduler.running if len(s.prompt) == 200]
+        # The step that caches the last chunk also samples the first token and decodes it.
+        assert prefilling.num_cached == (16 * (step + 1) if step < chunks - 1 else 201)
+    while engine.has_unfinished():
+        engine.step()
+    for request, prompt in zip(ids + [long_id], shorts + [long_prompt]):
+        assert engine.pop_result(request).token_ids == alone(prompt)
