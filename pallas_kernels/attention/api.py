@@ -1,15 +1,25 @@
-"""Entry point of attention: blockwise (online softmax) by default, the plain reference on
-request. Pallas kernels for GPU and TPU are to come behind the same call."""
+"""Entry point of attention: the Pallas kernel on GPU (Triton) and TPU (Mosaic), the XLA
+blockwise version on CPU, the plain reference on request.
+
+The kernels compute the forward; their gradient is the blockwise version's (recomputed block by
+block from the same inputs), so training on any backend keeps memory linear in T.
+"""
 
 from __future__ import annotations
 
-from pallas_kernels.attention import blockwise, reference
+import functools
 
-IMPLS = ("auto", "blockwise", "reference")
+import jax.numpy as jnp
+
+from pallas_kernels import common
+from pallas_kernels.attention import blockwise, pallas_tpu, pallas_triton, reference
+
+IMPLS = ("auto", "blockwise", "reference", "pallas")
 
 
 def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None, *,
-              scale: float, impl: str = "auto", block: int = 512):
+              scale: float, impl: str = "auto", block: int = 512, platform: str | None = None,
+              interpret: bool = False):
     """Causal attention by positions (and segments): `[B, T, N, U]` in v's dtype.
 
     Args:
@@ -20,8 +30,11 @@ def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg
         `kv_pos[s] <= q_pos[t]`.
       q_seg_bt, kv_seg_bs: optional segment ids; keys of other segments are not visible.
       scale: multiplies the scores (softmax scale).
-      impl: "auto" or "blockwise" (memory O(T x block)), "reference" (the `[T, S]` scores).
+      impl: "auto" (Pallas on GPU/TPU, blockwise elsewhere), "blockwise" (XLA, memory
+        O(T x block)), "reference" (the `[T, S]` scores) or "pallas".
       block: keys per block of the blockwise version.
+      platform, interpret: which Pallas kernel ("gpu" or "tpu"; default the backend) and
+        whether to run it in interpret mode (tests on CPU).
     """
     if impl not in IMPLS:
         raise ValueError(f"attention impl must be one of {IMPLS}, got {impl!r}")
@@ -31,5 +44,15 @@ def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg
     if impl == "reference":
         return reference.attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt,
                                    kv_seg_bs, scale=scale)
-    return blockwise.attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs,
-                               scale=scale, block=block)
+    chosen = "reference" if impl == "blockwise" else common.resolve(
+        "pallas" if impl == "pallas" else "auto", platform, interpret)
+    blocks = functools.partial(blockwise.attention, scale=scale, block=block)
+    if chosen == "reference":  # no kernel here: the XLA blockwise version
+        return blocks(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs)
+    if q_seg_bt is None:
+        q_seg_bt, kv_seg_bs = jnp.zeros_like(q_pos_bt), jnp.zeros_like(kv_pos_bs)
+    backend = pallas_triton if chosen == "triton" else pallas_tpu
+    kernel = functools.partial(backend.attention, scale=scale, interpret=interpret)
+    return common.with_reference_vjp(kernel, blocks)(
+        q_btnk, k_bsgk, v_bsgu, q_pos_bt.astype(jnp.int32), kv_pos_bs.astype(jnp.int32),
+        q_seg_bt.astype(jnp.int32), kv_seg_bs.astype(jnp.int32))

@@ -108,3 +108,35 @@ def test_api_refuses_heads_that_do_not_split():
         api.attention(q, k[:, :, :3], v[:, :, :3], pos, pos, scale=1.0)
     with pytest.raises(ValueError, match="impl"):
         api.attention(q, k, v, pos, pos, scale=1.0, impl="flash")
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("t,s,groups", [(77, 77, N), (5, 300, 1), (1, 130, 1)],
+                         ids=["expanded", "absorbed-prefill", "absorbed-decode"])
+def test_pallas_kernels_equal_the_reference_in_interpret_mode(platform, t, s, groups):
+    """Forward from the kernel, gradient from the blockwise version: both equal the plain
+    attention (queries at the end of the context, a segment boundary inside it)."""
+    ks = jax.random.split(jax.random.key(3), 4)
+    q = jax.random.normal(ks[0], (2, t, N, K))
+    k = jax.random.normal(ks[1], (2, s, groups, K))
+    v = jax.random.normal(ks[2], (2, s, groups, U))
+    q_pos = jnp.broadcast_to(jnp.arange(s - t, s), (2, t))
+    kv_pos = jnp.broadcast_to(jnp.arange(s), (2, s))
+    q_seg = (q_pos >= s // 4).astype(jnp.int32)
+    kv_seg = (kv_pos >= s // 4).astype(jnp.int32)
+    weight = jax.random.normal(ks[3], (2, t, N, U))
+
+    def loss(impl, **kw):
+        return lambda q, k, v: jnp.sum(api.attention(
+            q, k, v, q_pos, kv_pos, q_seg, kv_seg, scale=0.2, impl=impl, **kw) * weight)
+
+    want = jax.value_and_grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    got = jax.value_and_grad(loss("pallas", platform=platform, interpret=True),
+                             argnums=(0, 1, 2))(q, k, v)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    for g, w in zip(got[1], want[1]):
+        np.testing.assert_allclose(g, w, atol=ATOL, rtol=1e-4)
+    out = api.attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg, scale=0.2, impl="pallas",
+                        platform=platform, interpret=True)
+    np.testing.assert_allclose(out, api.attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
+                                                  scale=0.2, impl="reference"), atol=ATOL)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
+from pallas_kernels.attention import api as attention_api
 from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
 from pallas_kernels.int4_matmul import int4_matmul
 from pallas_kernels.topk_routing import route
@@ -77,3 +78,22 @@ def test_routing_lowers(platform, tokens, experts, n_group, topk_group):
     args = (_spec((tokens, experts), jnp.float32), _spec((experts,), jnp.float32))
     text = _export(fn, args, platform).mlir_module()
     assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("b,t,k,groups,u,s", [(1, 1024, 192, 64, 128, 1024),
+                                              (8, 1, 576, 1, 512, 8192),
+                                              (1, 256, 576, 1, 512, 4096)],
+                         ids=["expanded-prefill", "absorbed-decode", "absorbed-prefill"])
+def test_attention_lowers_at_k2_shapes(platform, b, t, k, groups, u, s):
+    """K2's 64 heads: expanded MLA (q/k 192, v 128, a key per head) and absorbed MLA (one
+    shared 512 + 64 latent key, 512 value), bf16."""
+    fn = lambda *a: attention_api.attention(*a, scale=0.1, impl="pallas",  # noqa: E731
+                                            platform=_kernel_platform(platform))
+    args = (_spec((b, t, 64, k), jnp.bfloat16), _spec((b, s, groups, k), jnp.bfloat16),
+            _spec((b, s, groups, u), jnp.bfloat16), _spec((b, t), jnp.int32),
+            _spec((b, s), jnp.int32))
+    text = _export(fn, args, platform).mlir_module()
+    assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
+    # No score matrix over the whole context leaves the kernel.
+    assert f"x{s}xf32>" not in text.replace(f"{b}x{s}xf32", "")
