@@ -9,12 +9,22 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
 from pallas_kernels.attention import blockwise, pallas_tpu, pallas_triton, reference
 
 IMPLS = ("auto", "blockwise", "reference", "pallas")
+
+
+def _partitioned_by_xla() -> bool:
+    """Whether this trace runs under a multi-device mesh that XLA partitions (outside
+    `shard_map`): a Pallas call there would be fed whole, gathered arrays, so "auto" keeps
+    the blockwise version, which XLA splits like any other op."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return not mesh.empty and mesh.size > 1 and any(
+        t != jax.sharding.AxisType.Manual for t in mesh.axis_types)
 
 
 def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None, *,
@@ -30,7 +40,8 @@ def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg
         `kv_pos[s] <= q_pos[t]`.
       q_seg_bt, kv_seg_bs: optional segment ids; keys of other segments are not visible.
       scale: multiplies the scores (softmax scale).
-      impl: "auto" (Pallas on GPU/TPU, blockwise elsewhere), "blockwise" (XLA, memory
+      impl: "auto" (Pallas on GPU/TPU, blockwise elsewhere and under a mesh that XLA
+        partitions), "blockwise" (XLA, memory
         O(T x block)), "reference" (the `[T, S]` scores) or "pallas".
       block: keys per block of the blockwise version.
       platform, interpret: which Pallas kernel ("gpu" or "tpu"; default the backend) and
@@ -44,7 +55,8 @@ def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg
     if impl == "reference":
         return reference.attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt,
                                    kv_seg_bs, scale=scale)
-    chosen = "reference" if impl == "blockwise" else common.resolve(
+    chosen = "reference" if impl == "blockwise" or (
+        impl == "auto" and _partitioned_by_xla()) else common.resolve(
         "pallas" if impl == "pallas" else "auto", platform, interpret)
     blocks = functools.partial(blockwise.attention, scale=scale, block=block)
     if chosen == "reference":  # no kernel here: the XLA blockwise version

@@ -140,3 +140,23 @@ def test_pallas_kernels_equal_the_reference_in_interpret_mode(platform, t, s, gr
                         platform=platform, interpret=True)
     np.testing.assert_allclose(out, api.attention(q, k, v, q_pos, kv_pos, q_seg, kv_seg,
                                                   scale=0.2, impl="reference"), atol=ATOL)
+
+
+def test_auto_keeps_xla_under_a_partitioned_mesh():
+    """A Pallas call is not partitioned by XLA: under a multi-device mesh "auto" stays XLA,
+    inside `shard_map` (each device its own arrays) the kernel is allowed again."""
+    from k2jax import sharding
+
+    assert not api._partitioned_by_xla()
+    mesh = sharding.make_mesh("expert=8")
+    seen = {}
+    with jax.set_mesh(mesh):
+        seen["mesh"] = api._partitioned_by_xla()
+
+        def per_device(x):
+            seen["shard_map"] = api._partitioned_by_xla()
+            return x
+
+        jax.shard_map(per_device, mesh=mesh, in_specs=jax.sharding.PartitionSpec("expert"),
+                      out_specs=jax.sharding.PartitionSpec("expert"))(jnp.zeros(8))
+    assert seen == {"mesh": True, "shard_map": False}
