@@ -12,8 +12,8 @@ tokens, as training and the full forward run it, with each attention implementat
 Peak memory is the compiled forward's temporaries plus its arguments and outputs
 (`memory_analysis()`, no run needed); a forward whose peak exceeds `--memory-gib` (default: the
 machine's available memory less 2 GiB) is not run and its time is left blank: that is the old
-path's failure point. Time is the median of `--repeats` runs after a compiling one. Each row is
-measured in this process, in order of length.
+path's failure point. Time is the median of `--repeats` runs of the forward compiled ahead of
+time. Each row is measured in this process, in order of length.
 """
 
 from __future__ import annotations
@@ -68,7 +68,6 @@ def measure(config, params, length: int, impl: str, memory_gib: float, repeats: 
     if peak > memory_gib * 2**30:
         row["skipped"] = f"needs {peak / 2**30:.1f} GiB > {memory_gib:.1f} GiB"
         return row
-    compiled(params, tokens).block_until_ready()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
