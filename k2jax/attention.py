@@ -42,10 +42,11 @@ class LatentCache:
     ckv: `[L, B, S, C]` normalised KV latent. kpe: `[L, B, S, R]` rotated shared rope key.
     Slot `s` of row `b` holds the token at position `s`.
 
-    A cache layout is anything with `write(layer, ...)` and `read(layer)` (a paged one plugs
-    in the same way). The whole stack rides in the layer scan's carry, each layer writing its
-    slots in place and then reading its rows (`LayerCache`); scanned over instead, the cache
-    would be sliced and restacked, copied whole on every call.
+    A cache layout is anything with `write(layer, ...)`, `read(layer)` and
+    `attend(layer, ...)` (a paged one plugs in the same way). The whole stack rides in the layer
+    scan's carry, each layer writing its slots in place and then attending over its rows
+    (`LayerCache`); scanned over instead, the cache would be sliced and restacked, copied whole
+    on every call.
     """
 
     ckv: jax.Array
@@ -67,6 +68,12 @@ class LatentCache:
         kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv_bsc.shape[1]), ckv_bsc.shape[:2])
         return ckv_bsc, kpe_bsr, kv_pos_bs
 
+    def attend(self, layer, q_latent_btnc, q_pe_btnr, q_pos_bt, *, scale: float):
+        """Absorbed attention of one layer's queries over its cached rows: `[B, T, N, C]`."""
+        ckv_bsc, kpe_bsr, kv_pos_bs = self.read(layer)
+        return latent_attention(q_latent_btnc, q_pe_btnr, ckv_bsc, kpe_bsr, q_pos_bt,
+                                kv_pos_bs, scale=scale)
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +89,21 @@ class LayerCache:
 
     def read(self):
         return self.stack.read(self.layer)
+
+    def attend(self, q_latent_btnc, q_pe_btnr, q_pos_bt, *, scale: float):
+        return self.stack.attend(self.layer, q_latent_btnc, q_pe_btnr, q_pos_bt, scale=scale)
+
+
+def latent_attention(q_latent_btnc, q_pe_btnr, ckv_bsc, kpe_bsr, q_pos_bt, kv_pos_bs, *,
+                     scale: float):
+    """Absorbed MLA over contiguous latents: one key `[C + R]` and value `[C]` per token shared
+    by all heads (G = 1), attended block by block, never a `[T, S]` score matrix for the whole
+    context. `[B, T, N, C]` in the queries' dtype."""
+    dtype = q_latent_btnc.dtype
+    ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
+    q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
+    k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
+    return attention(q_btnk, k_bs1k, ckv[:, :, None, :], q_pos_bt, kv_pos_bs, scale=scale)
 
 
 def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
@@ -194,15 +216,9 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt, cache):
         cfg = self.config
         cache = cache.write(positions_bt, ckv_btc, k_pe_btr)
-        ckv_bsc, kpe_bsr, kv_pos_bs = cache.read()
         w_uk_nhc, w_uv_nuc = self._kv_b_heads()
-        dtype = q_nope_btnh.dtype
-        ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
         q_latent_btnc = jnp.einsum("btnh,nhc->btnc", q_nope_btnh, w_uk_nhc)
-        # One key `[C + R]` and value `[C]` per cached token shared by all heads (G = 1),
-        # attended block by block: never a `[T, S]` score matrix for the whole context.
-        q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
-        k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
-        out_latent_btnc = attention(q_btnk, k_bs1k, ckv[:, :, None, :], positions_bt,
-                                    kv_pos_bs, scale=cfg.softmax_scale)
+        # The cache layout attends over its own storage (a paged one reads its pages in place).
+        out_latent_btnc = cache.attend(q_latent_btnc, q_pe_btnr, positions_bt,
+                                       scale=cfg.softmax_scale)
         return jnp.einsum("btnc,nuc->btnu", out_latent_btnc, w_uv_nuc), cache

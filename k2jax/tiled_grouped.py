@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import common
 from pallas_kernels.common import dequantize
 
 if typing.TYPE_CHECKING:
@@ -78,15 +79,6 @@ def _expert_weight(w, expert, dtype) -> jax.Array:
     return dequantize(values, scale, dtype)
 
 
-def _varying_like(init, *operands):
-    """`init` marked as varying over the mesh axes any operand varies over (inside
-    `shard_map` a loop carry must keep the type the body gives it)."""
-    axes = set()
-    for leaf in jax.tree.leaves(operands):
-        axes |= set(jax.typeof(leaf).manual_axis_type.varying)
-    return jax.lax.pcast(init, tuple(sorted(axes)), to="varying") if axes else init
-
-
 def _summed_to_type_of(cotangent, primal):
     """A cotangent summed over the mesh axes it varies over and its primal does not: inside
     `shard_map` a weight replicated over `data` gets the sum of every data shard's gradient
@@ -104,7 +96,7 @@ def _summed_to_type_of(cotangent, primal):
 def _tile_loop(schedule: TileSchedule, tile_rows: int, init, body, operands):
     """`init` updated by `body(carry, start, expert, row_mask [tile, 1])` for each real tile,
     in order; `operands` are what the body reads (for the carry's type under shard_map)."""
-    init = _varying_like(init, operands, schedule)
+    init = common.varying_like(init, operands, schedule)
 
     def step(state):
         t, carry = state

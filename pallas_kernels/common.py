@@ -70,6 +70,17 @@ def with_reference_vjp(kernel: Callable, reference: Callable) -> Callable:
     return call
 
 
+def varying_like(init, *operands):
+    """`init` (a pytree) marked as varying over the mesh axes any operand varies over: inside
+    `shard_map` a loop carry started from constants must keep the type the body gives it."""
+    axes = set()
+    for leaf in jax.tree.leaves(operands):
+        axes |= set(jax.typeof(leaf).manual_axis_type.varying)
+    if not axes:
+        return init
+    return jax.tree.map(lambda x: jax.lax.pcast(x, tuple(sorted(axes)), to="varying"), init)
+
+
 def largest_pow2_divisor(dim: int, cap: int) -> int:
     """The largest power of two <= cap dividing dim (Triton blocks are powers of two)."""
     size = 1

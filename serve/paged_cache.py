@@ -24,8 +24,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from k2jax.attention import to_storage
 from k2jax.config import ModelConfig
+from pallas_kernels.attention import paged
 
 STACKS = (("dense_layers", "num_dense_layers"), ("moe_layers", "num_moe_layers"))
+PAGES, ROWS = "pages", "rows"  # what a per-shard output is split by
 
 
 @jax.tree_util.register_dataclass
@@ -42,8 +44,7 @@ class PagedLatentCache:
 
     A layer writes only its new slots and reads only its rows' pages: a step's cost follows the
     live tokens, not the size of the pool. Positions outside a row's allocated pages (padding
-    uses -1) are dropped on write; unallocated pages read as zeros, which the causal mask never
-    attends to.
+    uses -1) are dropped on write; unallocated pages read as zeros at positions no query sees.
     """
 
     ckv: jax.Array
@@ -51,28 +52,40 @@ class PagedLatentCache:
     page_table: jax.Array
     mesh: Mesh | None = dataclasses.field(default=None, metadata=dict(static=True))
 
-    def _per_shard(self, fn, layer, *row_args, out_rows: bool):
-        """`fn(ckv, kpe, table, layer, *row_args)` on each device's pages and rows."""
+    def _per_shard(self, fn, layer, *row_args, out_specs):
+        """`fn(ckv, kpe, table, layer, *row_args)` on each device's pages and rows; `out_specs`
+        says which outputs are pages and which rows (`PAGES`, `ROWS`)."""
         if self.mesh is None:
             return fn(self.ckv, self.kpe, self.page_table, layer, *row_args)
-        pages, rows = PartitionSpec(None, pool_axes(self.mesh)), PartitionSpec(
-            pool_axes(self.mesh))
+        spec = {PAGES: PartitionSpec(None, pool_axes(self.mesh)),
+                ROWS: PartitionSpec(pool_axes(self.mesh))}
         return jax.shard_map(
-            fn, mesh=self.mesh, in_specs=(pages, pages, rows, PartitionSpec()) +
-            (rows,) * len(row_args), out_specs=(rows if out_rows else pages,) * 2 +
-            ((rows,) if out_rows else ()))(
+            fn, mesh=self.mesh,
+            in_specs=(spec[PAGES], spec[PAGES], spec[ROWS], PartitionSpec()) +
+            (spec[ROWS],) * len(row_args),
+            out_specs=jax.tree.map(spec.get, out_specs))(
             self.ckv, self.kpe, self.page_table, jnp.asarray(layer, jnp.int32), *row_args)
 
     def write(self, layer, positions_bt, ckv_btc, kpe_btr) -> "PagedLatentCache":
         """Stores one layer's entries in the pages of their positions."""
         ckv, kpe = self._per_shard(_write_pages, layer, positions_bt, ckv_btc, kpe_btr,
-                                   out_rows=False)
+                                   out_specs=(PAGES, PAGES))
         return PagedLatentCache(ckv, kpe, self.page_table, self.mesh)
 
     def read(self, layer):
         """One layer's `(ckv [B, S, C], kpe [B, S, R], kv_positions [B, S])`, slot s holding
         position s, S = pages_per_seq x page_size."""
-        return self._per_shard(_read_pages, layer, out_rows=True)
+        return self._per_shard(_read_pages, layer, out_specs=(ROWS, ROWS, ROWS))
+
+    def attend(self, layer, q_latent_btnc, q_pe_btnr, q_pos_bt, *, scale: float):
+        """Absorbed attention of one layer over each row's pages, read where they lie (the
+        Pallas kernel on GPU/TPU; XLA gathers them): `[B, T, N, C]`."""
+        def per_shard(ckv, kpe, table, layer, q_latent, q_pe, q_pos):
+            return paged.paged_latent_attention(q_latent, q_pe, ckv, kpe, table, layer, q_pos,
+                                                scale=scale)
+
+        return self._per_shard(per_shard, layer, q_latent_btnc, q_pe_btnr, q_pos_bt,
+                               out_specs=ROWS)
 
 
 def pool_axes(mesh: Mesh) -> tuple[str, ...]:
@@ -104,22 +117,9 @@ def _write_pages(ckv, kpe, page_table, layer, positions_bt, ckv_btc, kpe_btr):
 
 
 def _read_pages(ckv, kpe, page_table, layer):
-    batch, width = page_table.shape
-    num_pages = ckv.shape[1]
-    allocated_bw11 = (page_table < num_pages)[..., None, None]
-    table_bw = jnp.minimum(page_table, num_pages - 1)
-
-    def gather(pages):
-        # One clipped gather along the flattened (layer, page) axis: indexing both axes
-        # makes XLA:CPU copy the whole pool (written in place by the layer) every call.
-        flat = pages.reshape(-1, *pages.shape[2:])
-        rows = jnp.where(allocated_bw11, jnp.take(flat, layer * num_pages + table_bw,
-                                                  axis=0, mode="clip"), 0)
-        return rows.reshape(batch, width * pages.shape[2], pages.shape[-1])
-
-    ckv_bsc, kpe_bsr = gather(ckv), gather(kpe)
-    kv_pos_bs = jnp.broadcast_to(jnp.arange(ckv_bsc.shape[1]), ckv_bsc.shape[:2])
-    return ckv_bsc, kpe_bsr, kv_pos_bs
+    num_pages, page_size = ckv.shape[1:3]
+    return (paged.gather_pages(ckv, page_table, layer), paged.gather_pages(kpe, page_table, layer),
+            paged.key_positions(page_table, num_pages, page_size))
 
 
 def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bfloat16,

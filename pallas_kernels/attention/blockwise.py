@@ -16,6 +16,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import common
 from pallas_kernels.attention.reference import NEG_INF
 
 _NEVER = jnp.iinfo(jnp.int32).max  # position of a padding key: visible to no query
@@ -62,9 +63,10 @@ def _forward(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs, s
             preferred_element_type=jnp.float32)
         return (new_max, sum_btgm * rescale + jnp.sum(probs, axis=-1), acc_btgmu), None
 
-    init = (jnp.full((b, t, g, n // g), NEG_INF, jnp.float32),
-            jnp.zeros((b, t, g, n // g), jnp.float32),
-            jnp.zeros((b, t, g, n // g, u), jnp.float32))
+    init = common.varying_like(
+        (jnp.full((b, t, g, n // g), NEG_INF, jnp.float32),
+         jnp.zeros((b, t, g, n // g), jnp.float32), jnp.zeros((b, t, g, n // g, u), jnp.float32)),
+        q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs)
     (max_btgm, sum_btgm, acc_btgmu), _ = jax.lax.scan(step, init, blocks)
     seen = sum_btgm > 0  # a query that sees no key: zeros, as the reference
     out = jnp.where(seen[..., None], acc_btgmu / jnp.where(seen, sum_btgm, 1.0)[..., None], 0.0)
@@ -108,7 +110,8 @@ def _attention_bwd(scale, block, residuals, d_out_btnu):
         dk_b = jnp.einsum("btgms,btgmk->bsgk", ds, q, preferred_element_type=jnp.float32)
         return dq_btgmk, (dk_b, dv_b)
 
-    dq, (dk, dv) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32), blocks)
+    dq_init = common.varying_like(jnp.zeros(q.shape, jnp.float32), residuals, d_out_btnu)
+    dq, (dk, dv) = jax.lax.scan(step, dq_init, blocks)
 
     def unblock(x_nbs):  # [S/block, B, block, ...] -> [B, S, ...]
         x = jnp.moveaxis(x_nbs, 0, 1)

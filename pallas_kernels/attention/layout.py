@@ -1,4 +1,4 @@
-"""The argument handling both Pallas attention kernels share: head-major layout, padding to
+"""The argument handling the Pallas attention kernels share: head-major layout, padding to
 whole blocks, positions and segments shaped for the kernels' blocks.
 
 A padded query has position -1 (it sees nothing); a padded key has position INT32_MAX (nobody
@@ -79,3 +79,41 @@ def finish(out_bntu, args: KernelArgs):
         out = out_bntu[:, 0, :args.t * n, :args.u]
         return out.reshape(out.shape[0], args.t, n, args.u)
     return jnp.transpose(out_bntu[:, :, :args.t, :args.u], (0, 2, 1, 3))
+
+
+class PagedArgs(NamedTuple):
+    q_latent_brc: jax.Array  # [B, Rp, C]: query rows (T x N heads folded), padded
+    q_pe_brr: jax.Array  # [B, Rp, R]
+    q_pos_br1: jax.Array  # int32 [B, Rp, 1], -1 for padding rows
+    table_flat: jax.Array  # int32 [B * W]: page ids, unallocated ones (>= P) kept
+    kv_len_b: jax.Array  # int32 [B]: keys any query of the row can see (max position + 1)
+    layer: jax.Array  # int32 [1]
+    t: int
+    n: int
+
+
+def prepare_paged(q_latent_btnc, q_pe_btnr, page_table_bw, layer, q_pos_bt, *, block_q: int,
+                  pow2_rows: bool) -> tuple[PagedArgs, int]:
+    """The paged kernels' arguments and their query block (at most `block_q` rows).
+
+    Every head reads the same latent key, so the heads are folded into query rows: a decode
+    step's 64 heads fill one block instead of padding a single query.
+    """
+    b, t, n, c = q_latent_btnc.shape
+    rows = t * n
+    q_latent = q_latent_btnc.reshape(b, rows, c)
+    q_pe = q_pe_btnr.reshape(b, rows, q_pe_btnr.shape[-1])
+    q_pos = jnp.repeat(q_pos_bt.astype(jnp.int32), n, axis=1)
+    block_q = min(block_q, max(16, next_pow2(rows)) if pow2_rows else -(-rows // 8) * 8)
+    q_latent, q_pe = _pad_to(q_latent, 1, block_q), _pad_to(q_pe, 1, block_q)
+    q_pos = _pad_to(q_pos, 1, block_q, -1)
+    kv_len_b = jnp.maximum(jnp.max(q_pos, axis=1) + 1, 0)
+    return PagedArgs(q_latent, q_pe, q_pos[:, :, None],
+                     page_table_bw.astype(jnp.int32).reshape(-1), kv_len_b,
+                     jnp.asarray(layer, jnp.int32).reshape(1), t, n), block_q
+
+
+def finish_paged(out_brc, args: PagedArgs):
+    """The kernel's `[B, Rp, C]` output as `[B, T, N, C]`."""
+    b, _, c = out_brc.shape
+    return out_brc[:, :args.t * args.n].reshape(b, args.t, args.n, c)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from pallas_kernels.attention import api, blockwise, reference
+from pallas_kernels.attention import api, blockwise, paged, reference
 
 TINY = k2jax.ModelConfig.preset("tiny")
 N, K, U = TINY.num_attention_heads, TINY.qk_head_dim, TINY.v_head_dim
@@ -73,13 +73,24 @@ def test_blockwise_memory_is_linear_in_length():
     assert temp_bytes(reference.attention, 8192) > 10 * large
 
 
-def test_absorbed_decode_over_16k_context_equals_expanded():
-    """MLA's two forms through the blockwise op: per-head keys and values up-projected from the
-    latent (expanded) against one shared `[C + R]` key and `[C]` value (absorbed), the last
-    queries of a 16K-token context."""
+def _paged(context_bsx, page_size, num_pages, key):
+    """A `[B, S, X]` context scattered into shuffled pages of a 2-layer pool (layer 1 holds it,
+    layer 0 noise): `(pool [2, P, page, X], table [B, S / page])`."""
+    b, s, x = context_bsx.shape
+    width = s // page_size
+    ids = jax.random.permutation(key, num_pages)[:b * width].reshape(b, width)
+    pool = jax.random.normal(key, (2, num_pages, page_size, x))
+    pool = pool.at[1, ids].set(context_bsx.reshape(b, width, page_size, x))
+    return pool, ids.astype(jnp.int32)
+
+
+def test_absorbed_paged_decode_over_16k_context_equals_expanded():
+    """MLA's two forms: per-head keys and values up-projected from the latent (expanded, plain
+    attention) against one shared `[C + R]` key and `[C]` value read from a paged cache in
+    shuffled pages (absorbed), the last queries of a 16K-token context."""
     c, r, h = TINY.kv_lora_rank, TINY.qk_rope_head_dim, TINY.qk_nope_head_dim
-    s, t = 16384, 3
-    ks = jax.random.split(jax.random.key(7), 6)
+    s, t, page = 16384, 3, 64
+    ks = jax.random.split(jax.random.key(7), 7)
     ckv = jax.random.normal(ks[0], (1, s, c))
     kpe = jax.random.normal(ks[1], (1, s, r))
     w_uk_nhc = jax.random.normal(ks[2], (N, h, c)) / np.sqrt(c)
@@ -95,11 +106,69 @@ def test_absorbed_decode_over_16k_context_equals_expanded():
     expanded = api.attention(jnp.concatenate([q_nope, q_pe], -1), k, v, q_pos, kv_pos,
                              scale=scale, impl="reference")
     q_latent = jnp.einsum("btnh,nhc->btnc", q_nope, w_uk_nhc)
-    latent = api.attention(jnp.concatenate([q_latent, q_pe], -1),
-                           jnp.concatenate([ckv, kpe], -1)[:, :, None], ckv[:, :, None],
-                           q_pos, kv_pos, scale=scale)
+    ckv_pool, table = _paged(ckv, page, 300, ks[6])
+    kpe_pool, _ = _paged(kpe, page, 300, ks[6])
+    latent = paged.paged_latent_attention(q_latent, q_pe, ckv_pool, kpe_pool, table, 1, q_pos,
+                                          scale=scale)
     absorbed = jnp.einsum("btnc,nuc->btnu", latent, w_uv_nuc)
     np.testing.assert_allclose(absorbed, expanded, atol=1e-5, rtol=1e-4)
+
+
+def _paged_case(dtype):
+    """Three rows over a 2-layer pool of 13 pages of 8: shuffled pages, a prefill chunk that
+    starts mid-page, a row with an unallocated page past its queries, a padding row (-1)."""
+    c, r, n, t = TINY.kv_lora_rank, TINY.qk_rope_head_dim, N, 5
+    ks = jax.random.split(jax.random.key(11), 4)
+    q_latent = jax.random.normal(ks[0], (3, t, n, c))
+    q_pe = jax.random.normal(ks[1], (3, t, n, r))
+    ckv = jax.random.normal(ks[2], (2, 13, 8, c)).astype(dtype)
+    kpe = jax.random.normal(ks[3], (2, 13, 8, r)).astype(dtype)
+    table = jnp.array([[4, 11, 0, 7], [2, 9, 13, 13], [13, 13, 13, 13]], jnp.int32)
+    q_pos = jnp.array([[19, 20, 21, 22, 23], [3, 4, 5, 6, 7], [-1] * 5], jnp.int32)
+    return q_latent, q_pe, ckv, kpe, table, q_pos
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_reference_equals_plain_attention_over_the_pages(dtype):
+    q_latent, q_pe, ckv, kpe, table, q_pos = _paged_case(dtype)
+    got = paged.reference(q_latent, q_pe, ckv, kpe, table, 1, q_pos, scale=0.2)
+    for row, used in ((0, [4, 11, 0, 7]), (1, [2])):  # each row's context, in position order
+        ckv_sc = ckv[1, jnp.array(used)].reshape(-1, ckv.shape[-1]).astype(jnp.float32)
+        kpe_sr = kpe[1, jnp.array(used)].reshape(-1, kpe.shape[-1]).astype(jnp.float32)
+        want = reference.attention(
+            jnp.concatenate([q_latent[row:row + 1], q_pe[row:row + 1]], -1),
+            jnp.concatenate([ckv_sc, kpe_sr], -1)[None, :, None], ckv_sc[None, :, None],
+            q_pos[row:row + 1], jnp.arange(ckv_sc.shape[0])[None], scale=0.2)
+        np.testing.assert_allclose(got[row].astype(jnp.float32), want[0],
+                                   atol=ATOL if dtype == jnp.float32 else 2e-2)
+    assert not np.any(np.asarray(got[2], np.float32))  # padding row: zeros
+
+
+@pytest.mark.parametrize("platform", ["gpu", "tpu"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_paged_kernels_equal_the_reference_in_interpret_mode(platform, dtype):
+    """The kernels read the pages through the table where they lie; the XLA version gathers
+    them. bf16 pools and queries: the kernels' float32 softmax against the reference's."""
+    args = _paged_case(dtype)
+    q_latent, q_pe = (a.astype(dtype) for a in args[:2])
+    want = paged.paged_latent_attention(q_latent, q_pe, *args[2:4], args[4], 1, args[5],
+                                        scale=0.2, impl="reference")
+    got = paged.paged_latent_attention(q_latent, q_pe, *args[2:4], args[4], 1, args[5],
+                                       scale=0.2, impl="pallas", platform=platform,
+                                       interpret=True)
+    assert got.dtype == dtype and got.shape == q_latent.shape
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=ATOL if dtype == jnp.float32 else 2e-2)
+
+
+def test_paged_api_refuses_mismatched_dims():
+    q_latent, q_pe, ckv, kpe, table, q_pos = _paged_case(jnp.float32)
+    with pytest.raises(ValueError, match="do not match the pages"):
+        paged.paged_latent_attention(q_latent[..., :-1], q_pe, ckv, kpe, table, 1, q_pos,
+                                     scale=0.2)
+    with pytest.raises(ValueError, match="impl"):
+        paged.paged_latent_attention(q_latent, q_pe, ckv, kpe, table, 1, q_pos, scale=0.2,
+                                     impl="flash")
 
 
 def test_api_refuses_heads_that_do_not_split():

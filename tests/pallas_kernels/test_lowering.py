@@ -12,6 +12,7 @@ import pytest
 from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.attention import api as attention_api
+from pallas_kernels.attention.paged import paged_latent_attention
 from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
 from pallas_kernels.int4_matmul import int4_matmul
 from pallas_kernels.topk_routing import route
@@ -97,3 +98,21 @@ def test_attention_lowers_at_k2_shapes(platform, b, t, k, groups, u, s):
     assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
     # No score matrix over the whole context leaves the kernel.
     assert f"x{s}xf32>" not in text.replace(f"{b}x{s}xf32", "")
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+@pytest.mark.parametrize("b,t,width", [(8, 1, 128), (1, 256, 64)], ids=["decode", "prefill"])
+def test_paged_latent_attention_lowers_at_k2_shapes(platform, b, t, width):
+    """K2's absorbed MLA over its paged cache: 64 heads, 512 latent + 64 rope dims, pages of 64
+    tokens in a pool of 61 layers, bf16; the pools enter the kernel whole (read through the page
+    table inside it), never gathered."""
+    layers, pages, page = 61, 1024, 64
+    fn = lambda *a: paged_latent_attention(*a, scale=0.1, impl="pallas",  # noqa: E731
+                                           platform=_kernel_platform(platform))
+    args = (_spec((b, t, 64, 512), jnp.bfloat16), _spec((b, t, 64, 64), jnp.bfloat16),
+            _spec((layers, pages, page, 512), jnp.bfloat16),
+            _spec((layers, pages, page, 64), jnp.bfloat16), _spec((b, width), jnp.int32),
+            _spec((), jnp.int32), _spec((b, t), jnp.int32))
+    text = _export(fn, args, platform).mlir_module()
+    assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
+    assert f"{b}x{width * page}x512" not in text  # no gathered context

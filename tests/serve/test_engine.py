@@ -39,7 +39,8 @@ def test_cache_bytes_per_token_per_layer(dtype):
 
 def test_pages_write_and_read_in_position_order():
     """Entries land in the pages the table names, in any order, and read back by position;
-    padding positions (-1) and unallocated pages are never written; other layers untouched."""
+    padding positions (-1) and unallocated pages are never written, and the slots of an
+    unallocated page read at a position no query sees; other layers untouched."""
     layers, num_pages, size, c, r = 2, 5, 4, 3, 2
     table = jnp.array([[3, 0, 5], [1, 5, 5]])  # 5 = unallocated
     cache = paged_cache.PagedLatentCache(jnp.zeros((layers, num_pages, size, c)),
@@ -49,7 +50,9 @@ def test_pages_write_and_read_in_position_order():
     kpe = -jnp.arange(2 * 5 * r, dtype=jnp.float32).reshape(2, 5, r) - 1
     written = cache.write(1, positions, ckv, kpe)
     ckv_bsc, kpe_bsr, kv_pos = written.read(1)
-    assert ckv_bsc.shape == (2, 12, c) and kv_pos[0].tolist() == list(range(12))
+    never = int(jnp.iinfo(jnp.int32).max)
+    assert ckv_bsc.shape == (2, 12, c) and kv_pos[0].tolist() == list(range(8)) + [never] * 4
+    assert kv_pos[1].tolist() == list(range(4)) + [never] * 8
     np.testing.assert_array_equal(ckv_bsc[0, jnp.array([0, 3, 4, 6])], ckv[0, :4])
     np.testing.assert_array_equal(kpe_bsr[1, jnp.array([2, 3])], kpe[1, :2])
     # Row 1's position 4 falls in an unallocated page: dropped; pages 2 and 4 untouched.

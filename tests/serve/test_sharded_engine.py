@@ -96,7 +96,9 @@ def test_pool_bytes_per_device_are_the_pool_over_the_mesh(params, spec):
 @pytest.mark.parametrize("spec", ["expert=8", "expert=4,tensor=2"])
 def test_decode_step_never_gathers_routed_experts(params, spec):
     """The compiled decode step moves tokens to experts (all-to-all) and gathers no expert
-    weights: no all-gather in it is as large as one device's share of a routed-expert kernel."""
+    weights: outside attention no all-gather in it is as large as one device's share of a
+    routed-expert kernel. (Attention moves each row's queries, all heads, to the device that
+    holds the row's pages: `[rows, heads, latent]`, far less than the row's context.)"""
     mesh = sharding.make_mesh(spec)
     engine = Engine(CONFIG, params, mesh=mesh, max_batch=8, max_seq_len=64, page_size=8)
     rows = 8
@@ -110,7 +112,8 @@ def test_decode_step_never_gathers_routed_experts(params, spec):
     experts = engine.params["moe_layers"]["0"]["mlp"]["experts"]
     share = min(leaf.addressable_shards[0].data.nbytes for leaf in jax.tree.leaves(experts))
     gathers = [line for line in hlo.splitlines()
-               if " all-gather(" in line or " all-gather-start(" in line]
+               if (" all-gather(" in line or " all-gather-start(" in line)
+               and "/self_attn/" not in line]
     sizes = [_result_bytes(line) for line in gathers]
     assert all(size < share for size in sizes), [g for g, s in zip(gathers, sizes) if s >= share]
     assert "all-to-all" in hlo
