@@ -1,5 +1,5 @@
-"""The argument handling the Pallas attention kernels share: head-major layout, padding to
-whole blocks, positions and segments shaped for the kernels' blocks.
+"""The argument handling the Pallas attention kernels share (dense and paged): head-major layout,
+padding to whole blocks, positions and segments shaped for the kernels' blocks.
 
 A padded query has position -1 (it sees nothing); a padded key has position INT32_MAX (nobody
 sees it); absent segments are all zeros. Head dims are zero-padded to `dim_multiple` where the

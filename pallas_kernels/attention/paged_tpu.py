@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention import layout
-from pallas_kernels.attention.reference import NEG_INF
+from pallas_kernels.attention import layout, online_softmax
 
 
 def _kernel(table_ref, layer_ref, len_ref, q_ref, qpe_ref, qp_ref, ckv_ref, kpe_ref, out_ref,
@@ -31,9 +30,7 @@ def _kernel(table_ref, layer_ref, len_ref, q_ref, qpe_ref, qp_ref, ckv_ref, kpe_
 
     @pl.when(w == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        m_ref[...], l_ref[...], acc_ref[...] = online_softmax.initial(*acc_ref.shape)
 
     @pl.when((w * page_size < len_ref[b]) & (table_ref[b * width + w] < num_pages))
     def _update():
@@ -44,22 +41,12 @@ def _kernel(table_ref, layer_ref, len_ref, q_ref, qpe_ref, qp_ref, ckv_ref, kpe_
                   jax.lax.dot_general(qpe_ref[...], kpe_ref[...].astype(q.dtype), dims,
                                       preferred_element_type=jnp.float32)) * scale
         kv_pos = w * page_size + jax.lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
-        mask = kv_pos <= qp_ref[...]
-        scores = jnp.where(mask, scores, NEG_INF)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-        probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(probs.astype(q.dtype), ckv,
-                                                      preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        m_ref[...], l_ref[...], acc_ref[...] = online_softmax.update(
+            m_ref[...], l_ref[...], acc_ref[...], scores, kv_pos <= qp_ref[...], ckv)
 
     @pl.when(w == pl.num_programs(2) - 1)
     def _store():
-        total = l_ref[...]
-        out_ref[...] = jnp.where(total > 0, acc_ref[...] / jnp.where(total > 0, total, 1.0),
-                                 0.0).astype(out_ref.dtype)
+        out_ref[...] = online_softmax.finish(l_ref[...], acc_ref[...], out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "interpret"))

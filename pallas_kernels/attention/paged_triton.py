@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention import layout
-from pallas_kernels.attention.reference import NEG_INF
+from pallas_kernels.attention import layout, online_softmax
 
 
 def _kernel(q_ref, qpe_ref, qp_ref, table_ref, layer_ref, ckv_ref, kpe_ref, out_ref, *,
@@ -43,20 +42,12 @@ def _kernel(q_ref, qpe_ref, qp_ref, table_ref, layer_ref, ckv_ref, kpe_ref, out_
                   ) * scale
         kv_pos = w * page_size + jax.lax.broadcasted_iota(jnp.int32, (1, page_size), 1)
         mask = (kv_pos <= q_pos) & (page < num_pages)
-        scores = jnp.where(mask, scores, NEG_INF)
-        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-        probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        return (m_new, alpha * total + jnp.sum(probs, axis=1, keepdims=True),
-                alpha * acc + jnp.dot(probs.astype(q.dtype), ckv,
-                                      preferred_element_type=jnp.float32))
+        return online_softmax.update(m_prev, total, acc, scores, mask, ckv)
 
     bq, c = out_ref.shape
-    init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, c), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, visible_pages, step, init)
-    out_ref[...] = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0),
-                             0.0).astype(out_ref.dtype)
+    _, total, acc = jax.lax.fori_loop(0, visible_pages, step,
+                                      online_softmax.initial(bq, c))
+    out_ref[...] = online_softmax.finish(total, acc, out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "interpret"))

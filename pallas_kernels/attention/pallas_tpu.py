@@ -17,8 +17,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.attention import layout
-from pallas_kernels.attention.reference import NEG_INF
+from pallas_kernels.attention import layout, online_softmax
 
 
 def _kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, out_ref, m_ref, l_ref, acc_ref,
@@ -29,9 +28,7 @@ def _kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, out_ref, m_ref,
 
     @pl.when(j == 0)
     def _init():
-        m_ref[...] = jnp.full(m_ref.shape, NEG_INF, jnp.float32)
-        l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
-        acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+        m_ref[...], l_ref[...], acc_ref[...] = online_softmax.initial(*acc_ref.shape)
 
     q_pos, kv_pos = qp_ref[...], kp_ref[...]
 
@@ -40,22 +37,12 @@ def _kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, out_ref, m_ref,
         scores = jax.lax.dot_general(q_ref[...], k_ref[...], (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale
         mask = (kv_pos <= q_pos) & (ks_ref[...] == qs_ref[...])
-        scores = jnp.where(mask, scores, NEG_INF)
-        m_prev = m_ref[...]
-        m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-        probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-        alpha = jnp.exp(m_prev - m_new)
-        l_ref[...] = alpha * l_ref[...] + jnp.sum(probs, axis=1, keepdims=True)
-        v = v_ref[...]
-        acc_ref[...] = alpha * acc_ref[...] + jnp.dot(probs.astype(v.dtype), v,
-                                                      preferred_element_type=jnp.float32)
-        m_ref[...] = m_new
+        m_ref[...], l_ref[...], acc_ref[...] = online_softmax.update(
+            m_ref[...], l_ref[...], acc_ref[...], scores, mask, v_ref[...])
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _store():
-        total = l_ref[...]
-        out_ref[...] = jnp.where(total > 0, acc_ref[...] / jnp.where(total > 0, total, 1.0),
-                                 0.0).astype(out_ref.dtype)
+        out_ref[...] = online_softmax.finish(l_ref[...], acc_ref[...], out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "interpret"))

@@ -15,8 +15,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.attention import layout
-from pallas_kernels.attention.reference import NEG_INF
+from pallas_kernels.attention import layout, online_softmax
 
 
 def _kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, out_ref, *, scale: float,
@@ -36,22 +35,14 @@ def _kernel(q_ref, k_ref, v_ref, qp_ref, kp_ref, qs_ref, ks_ref, out_ref, *, sca
             scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                          preferred_element_type=jnp.float32) * scale
             mask = (kv_pos <= q_pos) & (ks_ref[:, pl.ds(j * block_k, block_k)] == q_seg)
-            scores = jnp.where(mask, scores, NEG_INF)
-            m_new = jnp.maximum(m_prev, jnp.max(scores, axis=1, keepdims=True))
-            probs = jnp.where(mask, jnp.exp(scores - m_new), 0.0)
-            alpha = jnp.exp(m_prev - m_new)
-            return (m_new, alpha * total + jnp.sum(probs, axis=1, keepdims=True),
-                    alpha * acc + jnp.dot(probs.astype(v.dtype), v,
-                                          preferred_element_type=jnp.float32))
+            return online_softmax.update(m_prev, total, acc, scores, mask, v)
 
         return jax.lax.cond(jnp.min(kv_pos) <= last_visible, update, lambda: carry)
 
     bq, u = out_ref.shape
-    init = (jnp.full((bq, 1), NEG_INF, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
-            jnp.zeros((bq, u), jnp.float32))
-    _, total, acc = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, step, init)
-    out_ref[...] = jnp.where(total > 0, acc / jnp.where(total > 0, total, 1.0),
-                             0.0).astype(out_ref.dtype)
+    _, total, acc = jax.lax.fori_loop(0, k_ref.shape[0] // block_k, step,
+                                      online_softmax.initial(bq, u))
+    out_ref[...] = online_softmax.finish(total, acc, out_ref.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "block_q", "block_k", "interpret"))
