@@ -21,9 +21,6 @@ from k2jax.config import ModelConfig
 from k2jax.layers import Linear, RMSNorm
 from pallas_kernels.attention import attention
 
-NEG_INF = -1e30  # finite, so fully masked rows (padding) give zeros rather than NaN
-
-
 def to_storage(x, dtype):
     """Casts cache entries to their storage dtype; 8-bit floats saturate instead of turning
     out-of-range values into NaN."""
@@ -104,14 +101,6 @@ def latent_attention(q_latent_btnc, q_pe_btnr, ckv_bsc, kpe_bsr, q_pos_bt, kv_po
     q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
     k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
     return attention(q_btnk, k_bs1k, ckv[:, :, None, :], q_pos_bt, kv_pos_bs, scale=scale)
-
-
-def attention_mask(q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None):
-    """Causal (by position) and same-segment mask `[B, T, 1, S]` (broadcast over heads)."""
-    mask = kv_pos_bs[:, None, :] <= q_pos_bt[:, :, None]
-    if q_seg_bt is not None:
-        mask &= q_seg_bt[:, :, None] == kv_seg_bs[:, None, :]
-    return mask[:, :, None, :]
 
 
 class MLAttention(nn.Module):

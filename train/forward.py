@@ -17,10 +17,10 @@ import jax
 import jax.numpy as jnp
 
 from k2jax import rotary
-from k2jax.attention import NEG_INF, attention_mask
 from k2jax.config import ModelConfig
 from k2jax.layers import Embed, Linear, RMSNorm
 from k2jax.model import DecoderLayer, Transformer
+from pallas_kernels.attention import blockwise
 
 _CAPTURED = ("q_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "post_attention_layernorm",
              "gate")
@@ -119,7 +119,8 @@ def max_attention_logits(config: ModelConfig, got: dict, positions_bt, segment_i
     """Largest pre-softmax attention logit (softmax scale included) of each head, `[N]`.
 
     Recomputed from the layer's projections: q from q_b_proj (or q_proj), the roped shared key
-    from kv_a_proj_with_mqa, the per-head nope key from kv_b_proj; masked as the model masks.
+    from kv_a_proj_with_mqa, the per-head nope key from kv_b_proj; masked as the model masks,
+    block by block as the attention runs (memory linear in T).
     """
     n, h, r = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
     q = got["q_b_proj"] if config.q_lora_rank else got["q_proj"]
@@ -130,11 +131,11 @@ def max_attention_logits(config: ModelConfig, got: dict, positions_bt, segment_i
     k_pe_bsr = rotary.apply_rotary(got["kv_a_proj_with_mqa"][:, :, None, config.kv_lora_rank:],
                                    cos, sin)[:, :, 0, :]
     k_nope = got["kv_b_proj"].reshape(b, t, n, -1)[..., :h]
-    scores = (jnp.einsum("btnh,bsnh->btns", q_nope, k_nope, preferred_element_type=jnp.float32)
-              + jnp.einsum("btnr,bsr->btns", q_pe, k_pe_bsr, preferred_element_type=jnp.float32))
-    mask = attention_mask(positions_bt, positions_bt, segment_ids_bt, segment_ids_bt)
-    scores = jnp.where(mask, scores * config.softmax_scale, NEG_INF)
-    return jax.lax.stop_gradient(jnp.max(scores, axis=(0, 1, 3)))
+    q = jnp.concatenate([q_nope, q_pe], axis=-1)
+    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe_bsr[:, :, None], (b, t, n, r))], axis=-1)
+    max_btn = blockwise.max_scores(q, k, positions_bt, positions_bt, segment_ids_bt,
+                                   segment_ids_bt, scale=config.softmax_scale)
+    return jax.lax.stop_gradient(jnp.max(max_btn, axis=(0, 1)))
 
 
 def sequence_balance_loss(config: ModelConfig, h_btd, router_kernel_de, indices_tk, valid_bt):

@@ -178,6 +178,38 @@ def _attention_bwd(scale, block, block_q, residuals, d_out_btnu):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def max_scores(q_btnk, k_bsgk, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None, *,
+               scale: float, block: int = 512, block_q: int = 512):
+    """Each query's largest visible score (scale included), `[B, T, N]` float32, block by
+    block like the attention (`NEG_INF` for a query that sees nothing): the statistic QK-clip
+    reads, without a `[T, S]` matrix. Not differentiated (a statistic)."""
+    b, t, n, kd = q_btnk.shape
+    g = k_bsgk.shape[2]
+    block = max(1, min(block, k_bsgk.shape[1]))
+    block_q = max(1, min(block_q, t))
+    q_btnk, k_bsgk = jax.lax.stop_gradient(q_btnk), jax.lax.stop_gradient(k_bsgk)
+    keys = (_blocks(k_bsgk, block), _blocks(kv_pos_bs, block, _NEVER),
+            None if kv_seg_bs is None else _blocks(kv_seg_bs, block))
+    queries = _query_blocks(q_btnk.reshape(b, t, g, n // g, kd), q_pos_bt, q_seg_bt, block_q)
+
+    def query_block(qblk):
+        q, q_pos, q_seg = qblk
+
+        def step(max_btgm, blk):
+            k_b, pos_b, seg_b = blk
+
+            def update(max_btgm):
+                scores, mask = _scores_and_mask(q, k_b, pos_b, seg_b, q_pos, q_seg, scale)
+                return jnp.maximum(max_btgm, jnp.max(jnp.where(mask, scores, NEG_INF), -1))
+
+            return jax.lax.cond(_seen_by(pos_b, q_pos), update, lambda m: m, max_btgm), None
+
+        init = common.varying_like(jnp.full(q.shape[:4], NEG_INF, jnp.float32), q, q_pos, keys)
+        return jax.lax.scan(step, init, keys)[0]
+
+    return _unblock(jax.lax.map(query_block, queries), t).reshape(b, t, n)
+
+
 def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=None, *,
               scale: float, block: int = 512, block_q: int = 512):
     """`[B, T, N, U]` in v's dtype; `block_q` queries against `block` keys at a time (fewer

@@ -229,3 +229,16 @@ def test_auto_keeps_xla_under_a_partitioned_mesh():
         jax.shard_map(per_device, mesh=mesh, in_specs=jax.sharding.PartitionSpec("expert"),
                       out_specs=jax.sharding.PartitionSpec("expert"))(jnp.zeros(8))
     assert seen == {"mesh": True, "shard_map": False}
+
+
+def test_max_scores_equal_the_plain_maximum():
+    """QK-clip's statistic block by block: each query's largest visible score, segments and a
+    query that sees nothing included; linear memory like the attention."""
+    q, k, _, pos, seg, _ = _inputs(1531, N, segments=True)
+    q_pos = pos.at[0, 7].set(-1)
+    got = blockwise.max_scores(q, k, q_pos, pos, seg, seg, scale=0.3, block=256, block_q=128)
+    scores = jnp.einsum("btnk,bsnk->btns", q, k) * 0.3
+    mask = reference.visible(q_pos, pos, seg, seg)[:, :, None, :]
+    want = jnp.max(jnp.where(mask, scores, reference.NEG_INF), axis=-1)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got[0, 7].max() == reference.NEG_INF
