@@ -7,7 +7,8 @@ For each length T, one cache-less forward of `tiny` (float32, batch 1, random we
 tokens, as training and the full forward run it, with each attention implementation:
 
   plain      `pallas_kernels.attention.reference`: the whole `[B, T, N, T]` float32 score matrix
-  blockwise  `pallas_kernels.attention.blockwise`: keys 512 at a time with an online softmax
+  blockwise  `pallas_kernels.attention.blockwise`: 512 queries x 512 keys at a time with an
+             online softmax, key blocks above the causal diagonal skipped
 
 Peak memory is the compiled forward's temporaries plus its arguments and outputs
 (`memory_analysis()`, no run needed); a forward whose peak exceeds `--memory-gib` (default: the
