@@ -19,6 +19,7 @@ become a control token, whatever it contains.
 """
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,12 +64,15 @@ def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = N
     Args:
       messages: OpenAI chat messages (`role`, `content` as a string or a list of text parts,
         optional `name`; assistant `reasoning_content` and `tool_calls`; tool `tool_call_id`).
-      tools: OpenAI tool declarations, rendered as given in compact JSON.
+      tools: OpenAI tool declarations, rendered in compact JSON with every object's keys sorted
+        recursively, as the official tokenizer does.
       add_generation_prompt: end with the header of the assistant turn to generate.
-      normalize_tool_call_ids: rewrite every tool-call id (and the results that answer it) as
-        `functions.NAME:IDX` with IDX counting calls across the conversation; K2 degrades over
-        turns when the history holds ids of another shape (`call_xxx`). Off by default: ids
-        render verbatim, as the released template does.
+      normalize_tool_call_ids: rewrite each foreign tool-call id (one not already
+        `functions.NAME:IDX`, e.g. OpenAI's `call_xxx`) and the results that answer it as
+        `functions.NAME:IDX`, IDX the call's index in the conversation (the next free one if a
+        K2 id there already has it); ids in K2's form render exactly as given. K2 degrades over
+        turns when the history holds ids of another shape. Off by default: every id renders
+        verbatim, as the released template does.
       thinking: False pre-fills an empty `<think></think>` after the generation prompt.
     Raises:
       ValueError: a malformed message or tool, naming its index and field.
@@ -99,7 +103,10 @@ def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
     out = _Segments()
     if tools:
         _header(out, st.IM_SYSTEM, "tool_declare")
-        out.text(json.dumps(list(tools), ensure_ascii=False, separators=(",", ":")))
+        # The official tokenizer sorts every object's keys (recursively) before the template's
+        # compact `tojson`: the declaration bytes do not depend on the caller's key order.
+        out.text(json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"),
+                            sort_keys=True))
         out.control(st.IM_END)
     if not messages or messages[0]["role"] != "system":
         _header(out, st.IM_SYSTEM, "system")
@@ -161,16 +168,28 @@ def _content_text(message: Mapping) -> str:
     return "".join(part["text"] for part in content)
 
 
+_K2_CALL_ID = re.compile(r"functions\.[^:\s]+:\d+")
+
+
 def _tool_call_ids(messages, normalize: bool) -> dict[tuple[int, int | None], str]:
     """The id to render for each call, keyed `(message index, call index)`, and for each tool
-    result, keyed `(message index, None)`: as given, or K2-shaped when normalizing."""
+    result, keyed `(message index, None)`: as given, or, normalizing, foreign ids K2-shaped."""
+    taken = {call["id"] for m in messages if m["role"] == "assistant"
+             for call in m.get("tool_calls") or () if _K2_CALL_ID.fullmatch(call["id"])}
     ids, renamed, count = {}, {}, 0
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
             for k, call in enumerate(message.get("tool_calls") or ()):
-                ids[(index, k)] = f"functions.{call['function']['name']}:{count}" if normalize else call["id"]
+                rendered = call["id"]
+                if normalize and not _K2_CALL_ID.fullmatch(rendered):
+                    name, slot = call["function"]["name"], count
+                    while f"functions.{name}:{slot}" in taken:
+                        slot += 1
+                    rendered = f"functions.{name}:{slot}"
+                    taken.add(rendered)
+                ids[(index, k)] = rendered
                 # A result answers the latest call with its id (clients sometimes reuse ids).
-                renamed[call["id"]] = ids[(index, k)]
+                renamed[call["id"]] = rendered
                 count += 1
         elif message["role"] == "tool":
             ids[(index, None)] = renamed[message["tool_call_id"]]

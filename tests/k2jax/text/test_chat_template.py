@@ -38,9 +38,10 @@ CHAIN = [
 ]
 
 CHAIN_TEXT = (
-    '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather",'
-    '"description":"天气 lookup","parameters":{"type":"object","properties":{"city":{"type":"string"}},'
-    '"required":["city"]}}}]<|im_end|>'
+    # Keys sorted recursively, as the official tokenizer does before the template's tojson.
+    '<|im_system|>tool_declare<|im_middle|>[{"function":{"description":"天气 lookup",'
+    '"name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},'
+    '"required":["city"],"type":"object"}},"type":"function"}]<|im_end|>'
     "<|im_system|>system<|im_middle|>You are a helpful assistant.<|im_end|>"
     "<|im_user|>user<|im_middle|>Hi!<|im_end|>"
     "<|im_assistant|>assistant<|im_middle|><think></think>Hello! How can I help?<|im_end|>"
@@ -208,3 +209,53 @@ def test_malformed_input_names_the_index_and_field(messages, tools, error):
 def _contains(sequence: list[int], subsequence: list[int]) -> bool:
     n = len(subsequence)
     return any(sequence[i:i + n] == subsequence for i in range(len(sequence) - n + 1))
+
+
+def test_k2_ids_render_exactly_and_only_foreign_ids_are_mapped():
+    """Ids already `functions.NAME:IDX` are kept as given (numbering included), a foreign id
+    gets its call's conversation index, or the next one a K2 id there does not hold."""
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    _call("functions.search:7", "search", "{}"), _call("call_x", "search", "{}")]},
+                {"role": "tool", "tool_call_id": "call_x", "content": "r1"},
+                {"role": "tool", "tool_call_id": "functions.search:7", "content": "r0"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    _call("functions.read:1", "read", "{}"), _call("call_y", "search", "{}")]},
+                {"role": "tool", "tool_call_id": "call_y", "content": "r2"}]
+    for normalize in (False, True):
+        text = render_chat(messages, normalize_tool_call_ids=normalize)
+        assert "<|tool_call_begin|>functions.search:7<|tool_call_argument_begin|>" in text
+        assert "<|tool_call_begin|>functions.read:1<|tool_call_argument_begin|>" in text
+        assert "## Return of functions.search:7\nr0" in text
+    text = render_chat(messages, normalize_tool_call_ids=True)
+    ids_in_order = [chunk.split("<|tool_call_argument_begin|>")[0]
+                    for chunk in text.split("<|tool_call_begin|>")[1:]]
+    assert ids_in_order == ["functions.search:7", "functions.search:1", "functions.read:1",
+                            "functions.search:3"]
+    assert "## Return of functions.search:1\nr1" in text
+    assert "## Return of functions.search:3\nr2" in text
+
+
+def test_tool_declarations_do_not_depend_on_key_order():
+    """Every object's keys sorted recursively (lists keep their order), compact separators,
+    non-ASCII kept: what the official tokenizer feeds the template."""
+    tool = {"type": "function", "function": {
+        "name": "f", "description": "été", "parameters": {
+            "type": "object", "required": ["b", "a"],
+            "properties": {"b": {"type": "string", "enum": ["z", "y"]}, "a": {"type": "integer"}}}}}
+
+    def reversed_keys(x):
+        if isinstance(x, dict):
+            return {k: reversed_keys(x[k]) for k in reversed(list(x))}
+        if isinstance(x, list):
+            return [reversed_keys(v) for v in x]
+        return x
+
+    messages = [{"role": "user", "content": "q"}]
+    text = render_chat(messages, [tool])
+    assert text == render_chat(messages, [reversed_keys(tool)])
+    declared = text.split("tool_declare<|im_middle|>")[1].split("<|im_end|>")[0]
+    assert declared == (
+        '[{"function":{"description":"été","name":"f","parameters":{"properties":{"a":'
+        '{"type":"integer"},"b":{"enum":["z","y"],"type":"string"}},"required":["b","a"],'
+        '"type":"object"}},"type":"function"}]')
