@@ -216,5 +216,10 @@ def attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg
     when T or S is shorter)."""
     block = max(1, min(block, k_bsgk.shape[1]))
     block_q = max(1, min(block_q, q_btnk.shape[1]))
+    # Under `jax.checkpoint` what is computed from non-differentiated inputs alone is saved, not
+    # recomputed: the masks of every (query block, key block) pair, T^2 in all. Tied to the
+    # queries, positions and segments count as differentiated and the masks are recomputed.
+    q_btnk, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs = jax.lax.optimization_barrier(
+        (q_btnk, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs))
     return _attention(q_btnk, k_bsgk, v_bsgu, q_pos_bt, kv_pos_bs, q_seg_bt, kv_seg_bs,
                       float(scale), block, block_q)

@@ -73,15 +73,25 @@ def test_blockwise_memory_is_linear_in_length():
     assert temp_bytes(reference.attention, 8192) > 10 * large
 
 
-def _paged(context_bsx, page_size, num_pages, key):
-    """A `[B, S, X]` context scattered into shuffled pages of a 2-layer pool (layer 1 holds it,
-    layer 0 noise): `(pool [2, P, page, X], table [B, S / page])`."""
-    b, s, x = context_bsx.shape
-    width = s // page_size
-    ids = jax.random.permutation(key, num_pages)[:b * width].reshape(b, width)
-    pool = jax.random.normal(key, (2, num_pages, page_size, x))
-    pool = pool.at[1, ids].set(context_bsx.reshape(b, width, page_size, x))
-    return pool, ids.astype(jnp.int32)
+def test_blockwise_memory_stays_linear_under_remat():
+    """Training runs its layers in a `lax.scan`, each under `jax.checkpoint`, with positions and
+    segments as arguments: nothing computed from them alone (the block masks, T^2 of them) may
+    be saved for the backward pass."""
+    def temp_bytes(t):
+        q, k, v, pos, seg, _ = _inputs(t, N, segments=True)
+        layer = jax.checkpoint(
+            lambda h, pos, seg: h + blockwise.attention(h, k, v, pos, pos, seg, seg,
+                                                        scale=0.1).repeat(2, -1)[..., :K],
+            policy=jax.checkpoint_policies.nothing_saveable)
+
+        def loss(q, pos, seg):
+            return jnp.sum(jax.lax.scan(lambda h, _: (layer(h, pos, seg), None), q, None,
+                                        length=2)[0])
+
+        return jax.jit(jax.grad(loss)).lower(q, pos, seg).compile().memory_analysis(
+        ).temp_size_in_bytes
+
+    assert temp_bytes(8192) < 5 * temp_bytes(2048)  # 4x the tokens
 
 
 def test_absorbed_paged_decode_over_16k_context_equals_expanded():
