@@ -94,6 +94,17 @@ def test_blockwise_memory_stays_linear_under_remat():
     assert temp_bytes(8192) < 5 * temp_bytes(2048)  # 4x the tokens
 
 
+def _paged(context_bsx, page_size, num_pages, key):
+    """A `[B, S, X]` context scattered into shuffled pages of a 2-layer pool (layer 1 holds it,
+    layer 0 noise): `(pool [2, P, page, X], table [B, S / page])`."""
+    b, s, x = context_bsx.shape
+    width = s // page_size
+    ids = jax.random.permutation(key, num_pages)[:b * width].reshape(b, width)
+    pool = jax.random.normal(key, (2, num_pages, page_size, x))
+    pool = pool.at[1, ids].set(context_bsx.reshape(b, width, page_size, x))
+    return pool, ids.astype(jnp.int32)
+
+
 def test_absorbed_paged_decode_over_16k_context_equals_expanded():
     """MLA's two forms: per-head keys and values up-projected from the latent (expanded, plain
     attention) against one shared `[C + R]` key and `[C]` value read from a paged cache in
