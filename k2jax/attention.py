@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from k2jax import quant, rotary
 from k2jax.config import ModelConfig
 from k2jax.layers import Linear, RMSNorm
-from pallas_kernels.attention import attention
+from pallas_kernels.attention import attention, latent_attention
 
 def to_storage(x, dtype):
     """Casts cache entries to their storage dtype; 8-bit floats saturate instead of turning
@@ -89,18 +89,6 @@ class LayerCache:
 
     def attend(self, q_latent_btnc, q_pe_btnr, q_pos_bt, *, scale: float):
         return self.stack.attend(self.layer, q_latent_btnc, q_pe_btnr, q_pos_bt, scale=scale)
-
-
-def latent_attention(q_latent_btnc, q_pe_btnr, ckv_bsc, kpe_bsr, q_pos_bt, kv_pos_bs, *,
-                     scale: float):
-    """Absorbed MLA over contiguous latents: one key `[C + R]` and value `[C]` per token shared
-    by all heads (G = 1), attended block by block, never a `[T, S]` score matrix for the whole
-    context. `[B, T, N, C]` in the queries' dtype."""
-    dtype = q_latent_btnc.dtype
-    ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
-    q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
-    k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
-    return attention(q_btnk, k_bs1k, ckv[:, :, None, :], q_pos_bt, kv_pos_bs, scale=scale)
 
 
 class MLAttention(nn.Module):

@@ -38,11 +38,11 @@ def _unblock(x_nbl, length: int):
 
 
 def _key_blocks(k_bsgk, v_bsgu, kv_pos_bs, kv_seg_bs, block: int):
-    """Keys, values, positions and segments `[S/block, B, block, ...]`, padded with keys no
-    query sees."""
+    """Keys, values, positions and segments `[S/block, B, block, ...]` (None for absent values
+    or segments), padded with keys no query sees."""
     segs = None if kv_seg_bs is None else _blocks(kv_seg_bs, block)
-    return (_blocks(k_bsgk, block), _blocks(v_bsgu, block), _blocks(kv_pos_bs, block, _NEVER),
-            segs)
+    values = None if v_bsgu is None else _blocks(v_bsgu, block)
+    return _blocks(k_bsgk, block), values, _blocks(kv_pos_bs, block, _NEVER), segs
 
 
 def _query_blocks(q_btgmk, q_pos_bt, q_seg_bt, block: int):
@@ -188,15 +188,14 @@ def max_scores(q_btnk, k_bsgk, q_pos_bt, kv_pos_bs, q_seg_bt=None, kv_seg_bs=Non
     block = max(1, min(block, k_bsgk.shape[1]))
     block_q = max(1, min(block_q, t))
     q_btnk, k_bsgk = jax.lax.stop_gradient(q_btnk), jax.lax.stop_gradient(k_bsgk)
-    keys = (_blocks(k_bsgk, block), _blocks(kv_pos_bs, block, _NEVER),
-            None if kv_seg_bs is None else _blocks(kv_seg_bs, block))
+    keys = _key_blocks(k_bsgk, None, kv_pos_bs, kv_seg_bs, block)
     queries = _query_blocks(q_btnk.reshape(b, t, g, n // g, kd), q_pos_bt, q_seg_bt, block_q)
 
     def query_block(qblk):
         q, q_pos, q_seg = qblk
 
         def step(max_btgm, blk):
-            k_b, pos_b, seg_b = blk
+            k_b, _, pos_b, seg_b = blk
 
             def update(max_btgm):
                 scores, mask = _scores_and_mask(q, k_b, pos_b, seg_b, q_pos, q_seg, scale)

@@ -8,17 +8,17 @@ is visible to query t iff the page is allocated and `s <= q_pos[t]`.
 
 `paged_latent_attention` is the entry point: the Pallas kernels on GPU and TPU read the pages
 where they lie, one page per step, through the table (no copy of the context); the XLA version
-gathers the row's pages (`gather_pages`) and runs the blockwise attention over them. Forward
+gathers the row's pages (`gather_pages`) and runs the blockwise attention over them, as
+`latent_attention` does over a contiguous cache. Forward
 only: it serves cached decode and prefill, which take no gradient.
 """
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from pallas_kernels import common
-from pallas_kernels.attention import blockwise, layout, paged_tpu, paged_triton
+from pallas_kernels.attention import api, layout, paged_tpu, paged_triton
 
 IMPLS = ("auto", "reference", "pallas")
 
@@ -48,17 +48,27 @@ def key_positions(page_table_bw, num_pages: int, page_size: int):
     return jnp.where(allocated_bs, pos_bs, layout.NEVER)
 
 
-def reference(q_latent_btnc, q_pe_btnr, ckv_lpsc, kpe_lpsr, page_table_bw, layer, q_pos_bt, *,
-              scale: float, block: int = 512):
-    """XLA: the pages gathered, then `blockwise.attention` with one shared key."""
+def latent_attention(q_latent_btnc, q_pe_btnr, ckv_bsc, kpe_bsr, q_pos_bt, kv_pos_bs, *,
+                     scale: float, impl: str = "auto"):
+    """Absorbed MLA over contiguous latents: one key `[C + R]` and value `[C]` per token shared
+    by all heads (G = 1), through `api.attention` (never a `[T, S]` score matrix for the whole
+    context). `[B, T, N, C]` in the queries' dtype."""
     dtype = q_latent_btnc.dtype
-    ckv_bsc = gather_pages(ckv_lpsc, page_table_bw, layer).astype(dtype)
-    kpe_bsr = gather_pages(kpe_lpsr, page_table_bw, layer).astype(dtype)
-    kv_pos_bs = key_positions(page_table_bw, *ckv_lpsc.shape[1:3])
+    ckv, kpe = ckv_bsc.astype(dtype), kpe_bsr.astype(dtype)
     q_btnk = jnp.concatenate([q_latent_btnc, q_pe_btnr], axis=-1)
-    k_bs1k = jnp.concatenate([ckv_bsc, kpe_bsr], axis=-1)[:, :, None, :]
-    return blockwise.attention(q_btnk, k_bs1k, ckv_bsc[:, :, None, :], q_pos_bt, kv_pos_bs,
-                               scale=scale, block=block)
+    k_bs1k = jnp.concatenate([ckv, kpe], axis=-1)[:, :, None, :]
+    return api.attention(q_btnk, k_bs1k, ckv[:, :, None, :], q_pos_bt, kv_pos_bs, scale=scale,
+                         impl=impl)
+
+
+def reference(q_latent_btnc, q_pe_btnr, ckv_lpsc, kpe_lpsr, page_table_bw, layer, q_pos_bt, *,
+              scale: float):
+    """XLA: the pages gathered, then the blockwise attention with one shared key."""
+    return latent_attention(
+        q_latent_btnc, q_pe_btnr, gather_pages(ckv_lpsc, page_table_bw, layer),
+        gather_pages(kpe_lpsr, page_table_bw, layer),
+        q_pos_bt, key_positions(page_table_bw, *ckv_lpsc.shape[1:3]), scale=scale,
+        impl="blockwise")
 
 
 def paged_latent_attention(q_latent_btnc, q_pe_btnr, ckv_lpsc, kpe_lpsr, page_table_bw, layer,
