@@ -74,6 +74,7 @@ class ChatCompletion(Completion):
     reasoning_content: str | None = None
     content: str | None = None
     tool_calls: list[dict] = dataclasses.field(default_factory=list)
+    reasoning = property(lambda self: self.reasoning_content)  # vLLM's current name
 
     def message(self) -> dict:
         """The OpenAI assistant message."""
@@ -89,6 +90,7 @@ class ChatResult(GenerationResult):
     candidates: list[ChatCompletion] | None = None
 
     reasoning_content = property(lambda self: self._only().reasoning_content)
+    reasoning = reasoning_content
     content = property(lambda self: self._only().content)
     tool_calls = property(lambda self: self._only().tool_calls)
 

@@ -1,7 +1,7 @@
 """From engine deltas to OpenAI chat output, for the server: one `OutputParser` per choice.
 
 `ChatChoices.feed` turns each engine `StreamDelta` into the chunks a stream sends
-(`reasoning_content`, `content`, `tool_calls` deltas, then an empty delta with the finish
+(`reasoning` / `reasoning_content`, `content`, `tool_calls` deltas, then an empty delta with the finish
 reason); `choices()` gives the whole messages for a non-streaming response. Both come from the
 same parsers, so a stream's deltas add up to the non-streaming message.
 
@@ -18,7 +18,7 @@ import dataclasses
 from serve import chat, openai_protocol as proto
 from serve.engine import StreamDelta
 from serve.engine_loop import EngineLoop, RequestStream
-from serve.parsers import OutputParser, prompt_opens_reasoning
+from serve.parsers import REASONING_FIELDS, OutputParser, prompt_opens_reasoning
 from serve.sampling import SamplingParams
 
 
@@ -40,9 +40,12 @@ class FinalRequest:
 
 
 class ChatChoices:
-    """Parse state of a chat request's `n` completions."""
+    """Parse state of a chat request's `n` completions; reasoning goes out under each name in
+    `reasoning_fields`."""
 
-    def __init__(self, n: int, prompt_text: str, tokenizer=None, logprobs: bool = False):
+    def __init__(self, n: int, prompt_text: str, tokenizer=None, logprobs: bool = False,
+                 reasoning_fields=REASONING_FIELDS):
+        self.reasoning_fields = tuple(reasoning_fields)
         opens = prompt_opens_reasoning(prompt_text)
         self.parsers = [OutputParser(starts_in_reasoning=opens) for _ in range(n)]
         self.reasons: list[str | None] = [None] * n
@@ -56,11 +59,11 @@ class ChatChoices:
         parser = self.parsers[delta.index]
         self.completion_tokens += len(delta.token_ids)
         parsed = parser.feed(delta.text or "")
-        chunks = [(delta.index, parsed.to_openai(), None)] if parsed else []
+        chunks = [(delta.index, parsed.to_openai(self.reasoning_fields), None)] if parsed else []
         if delta.finish_reason is not None:
             last = parser.finish()
             if last:
-                chunks.append((delta.index, last.to_openai(), None))
+                chunks.append((delta.index, last.to_openai(self.reasoning_fields), None))
             reason = chat.finish_reason(delta.finish_reason, bool(parser.result().tool_calls))
             self.reasons[delta.index] = reason
             chunks.append((delta.index, {}, reason))
@@ -88,7 +91,7 @@ class ChatChoices:
 
     def choices(self) -> list[dict]:
         """The non-streaming `choices`: each completion's whole message and finish reason."""
-        return [proto.chat_choice(i, parser.result().to_openai(), reason, self._all_logprobs(i))
+        return [proto.chat_choice(i, parser.result().to_openai(self.reasoning_fields), reason, self._all_logprobs(i))
                 for i, (parser, reason) in enumerate(zip(self.parsers, self.reasons))]
 
     def _all_logprobs(self, index: int) -> dict | None:

@@ -1,5 +1,8 @@
-"""K2 Thinking's generated text back into OpenAI fields: `reasoning_content`, `content` and
-`tool_calls`, in one go (`parse_output`) or from streamed text deltas (`OutputParser`).
+"""K2 Thinking's generated text back into OpenAI fields: reasoning, `content` and `tool_calls`,
+in one go (`parse_output`) or from streamed text deltas (`OutputParser`).
+
+Reasoning goes out under `reasoning` (vLLM's current name) and `reasoning_content` (DeepSeek's,
+and vLLM's before it): both by default, or the one `reasoning_fields` names.
 
 Both run the same state machine, so the deltas of any split of a text add up to the one-shot
 result. What it reads (see shared/K2_FORMAT.md):
@@ -24,9 +27,12 @@ Each field is reported without leading or trailing whitespace; an empty field is
 
 import enum
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from k2jax.text import special_tokens as st
+
+REASONING_FIELDS = ("reasoning", "reasoning_content")
 
 
 class _State(enum.Enum):
@@ -97,11 +103,13 @@ class ParsedDelta:
     def __bool__(self) -> bool:
         return bool(self.reasoning_content or self.content or self.tool_calls)
 
-    def to_openai(self) -> dict:
-        """The non-empty fields, as a chat-completion chunk's `delta` carries them."""
-        return {key: value for key, value in (("reasoning_content", self.reasoning_content),
-                                              ("content", self.content),
-                                              ("tool_calls", self.tool_calls)) if value}
+    def to_openai(self, reasoning_fields: Sequence[str] = REASONING_FIELDS) -> dict:
+        """The non-empty fields, as a chat-completion chunk's `delta` carries them; reasoning
+        under each name in `reasoning_fields`."""
+        delta = {name: self.reasoning_content for name in reasoning_fields
+                 if self.reasoning_content}
+        return delta | {key: value for key, value in (("content", self.content),
+                                                      ("tool_calls", self.tool_calls)) if value}
 
 
 @dataclass(frozen=True)
@@ -112,11 +120,12 @@ class ParsedMessage:
     content: str | None
     tool_calls: list[dict]
 
-    def to_openai(self) -> dict:
-        """An OpenAI assistant message (`tool_calls` only when there are some)."""
+    def to_openai(self, reasoning_fields: Sequence[str] = REASONING_FIELDS) -> dict:
+        """An OpenAI assistant message (`tool_calls` only when there are some); reasoning
+        under each name in `reasoning_fields`."""
         message = {"role": "assistant", "content": self.content}
         if self.reasoning_content is not None:
-            message["reasoning_content"] = self.reasoning_content
+            message |= dict.fromkeys(reasoning_fields, self.reasoning_content)
         if self.tool_calls:
             message["tool_calls"] = self.tool_calls
         return message

@@ -8,8 +8,10 @@
 
 Each handler validates its request (`serve.openai_protocol`), submits token ids to the
 `EngineLoop` and reads the deltas back. Chat prompts are rendered with K2 Thinking's template
-(`serve.chat`) and outputs parsed by `OutputParser` into `reasoning_content`, `content` and
-`tool_calls`; text completions encode text as ordinary tokens (never control tokens) or take
+(`serve.chat`) and outputs parsed by `OutputParser` into reasoning, `content` and `tool_calls`;
+reasoning goes out as both `reasoning` (vLLM's current name) and `reasoning_content` (DeepSeek's,
+and vLLM's earlier one) unless `reasoning_fields` picks one. Assistant messages in requests may
+carry either name; `reasoning` wins when both are set. Text completions encode text as ordinary tokens (never control tokens) or take
 token ids. Streams are OpenAI chunks over server-sent events ending in `data: [DONE]`; a client
 that disconnects, streaming or not, has its request removed from the engine at once.
 Errors are OpenAI's error JSON, whatever the route: 400 for a bad request (naming the field),
@@ -66,6 +68,7 @@ from serve.chat_stream import ChatChoices, FinalRequest, run_to_end
 from serve.engine_loop import EngineFailure, EngineLoop, RequestFailure
 from serve.http_streams import EventStream, merge_streams, unless_disconnected
 from serve.openai_protocol import ProtocolError
+from serve.parsers import REASONING_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,12 +145,18 @@ class OpenAIServer:
       model_name: the id `/v1/models` lists and requests must name.
       limits: `ServerLimits`.
       api_key: when set, every `/v1` request needs `Authorization: Bearer <api_key>`.
+      reasoning_fields: the names reasoning goes out under, in messages and stream deltas
+        (default both `reasoning` and `reasoning_content`).
     """
 
     def __init__(self, loop: EngineLoop, tokenizer, *, model_name: str, limits: ServerLimits,
-                 api_key: str | None = None):
+                 api_key: str | None = None, reasoning_fields=REASONING_FIELDS):
         self.loop, self.tokenizer, self.model_name = loop, tokenizer, model_name
         self.limits, self.api_key = limits, api_key
+        if not reasoning_fields or not set(reasoning_fields) <= set(REASONING_FIELDS):
+            raise ValueError(f"reasoning_fields: a non-empty subset of {REASONING_FIELDS}, got "
+                             f"{reasoning_fields!r}")
+        self.reasoning_fields = tuple(reasoning_fields)
         self.vocab_size = loop.engine.config.vocab_size
         self.created = int(time.time())
 
@@ -273,7 +282,8 @@ class OpenAIServer:
         if req.heavy is None:
             return final
         params = dataclasses.replace(final.params, n=req.heavy.n)
-        choices = ChatChoices(req.heavy.n, final.prompt_text)
+        choices = ChatChoices(req.heavy.n, final.prompt_text,
+                              reasoning_fields=self.reasoning_fields)
         candidates_stream = self.loop.submit(final.prompt_ids, params)
         await run_to_end(self.loop, candidates_stream, choices.feed_all)
         candidates = [choice["message"] for choice in choices.choices()]
@@ -291,7 +301,8 @@ class OpenAIServer:
 
     async def _chat_response(self, header, req, final: FinalRequest) -> JSONResponse:
         final = await self._prepare(req, final)
-        choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs)
+        choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs,
+                              self.reasoning_fields)
         await run_to_end(self.loop, self.loop.submit(final.prompt_ids, final.params),
                          choices.feed_all)
         extra = {"heavy": {"candidates": final.candidates}} if final.candidates else {}
@@ -303,7 +314,8 @@ class OpenAIServer:
             for index in range(req.n):
                 yield proto.sse(header.chat_chunk(index, {"role": "assistant", "content": ""}))
             final = await self._prepare(req, final)
-            choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs)
+            choices = ChatChoices(req.n, final.prompt_text, self.tokenizer, req.logprobs,
+                              self.reasoning_fields)
             stream = self.loop.submit(final.prompt_ids, final.params)
             try:
                 async for deltas in stream:

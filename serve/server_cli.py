@@ -11,6 +11,8 @@ import dataclasses
 import os
 import sys
 
+from serve.parsers import REASONING_FIELDS
+
 EXAMPLE = """\
 example (random weights, CPU):
   k2jax serve --preset tiny --port 8000 &
@@ -59,6 +61,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int,
                         help="most output tokens per completion (default: the context minus one)")
     parser.add_argument("--seed", type=int, default=0, help="random weights' seed for presets")
+    parser.add_argument("--reasoning-field", choices=("both",) + REASONING_FIELDS,
+                        default="both",
+                        help="the response field reasoning goes out under: `reasoning` (vLLM's "
+                             "current name), `reasoning_content` (DeepSeek's and vLLM's "
+                             "earlier one) or both (default)")
     parser.add_argument("--log-level", default="info",
                         choices=("critical", "error", "warning", "info", "debug"))
 
@@ -167,12 +174,13 @@ def run(args: argparse.Namespace) -> int:
           f"{f', mesh {args.mesh}' if mesh is not None else ''}"
           f"{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)
+    fields = REASONING_FIELDS if args.reasoning_field == "both" else (args.reasoning_field,)
     return serve_engine(engine, tokenizer, listener, model_name=model_name, limits=limits,
-                        api_key=args.api_key, log_level=args.log_level)
+                        api_key=args.api_key, log_level=args.log_level, reasoning_fields=fields)
 
 
 def serve_engine(engine, tokenizer, listener, *, model_name: str, limits, api_key=None,
-                 log_level: str = "info") -> int:
+                 log_level: str = "info", reasoning_fields=REASONING_FIELDS) -> int:
     """Serves `engine` on the bound socket `listener` until interrupted (0) or until the
     engine fails (1: the requests in flight get an error, then the server shuts down, so that
     a supervisor restarts the process)."""
@@ -188,7 +196,7 @@ def serve_engine(engine, tokenizer, listener, *, model_name: str, limits, api_ke
 
     loop = EngineLoop(engine, on_failure=engine_failed).start()
     app = OpenAIServer(loop, tokenizer, model_name=model_name, limits=limits,
-                       api_key=api_key).app()
+                       api_key=api_key, reasoning_fields=reasoning_fields).app()
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="off"))
     try:
         server.run(sockets=[listener])

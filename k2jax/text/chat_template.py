@@ -63,7 +63,8 @@ def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = N
 
     Args:
       messages: OpenAI chat messages (`role`, `content` as a string or a list of text parts,
-        optional `name`; assistant `reasoning_content` and `tool_calls`; tool `tool_call_id`).
+        optional `name`; assistant `reasoning` or `reasoning_content` (`reasoning` wins when
+        both are set) and `tool_calls`; tool `tool_call_id`).
       tools: OpenAI tool declarations, rendered in compact JSON with every object's keys sorted
         recursively, as the official tokenizer does.
       add_generation_prompt: end with the header of the assistant turn to generate.
@@ -119,7 +120,7 @@ def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
         role = message["role"]
         _header(out, _HEADER_TOKEN.get(role, st.IM_SYSTEM), message.get("name") or role)
         if role == "assistant":
-            reasoning = message.get("reasoning_content") if index > last_plain_answer else None
+            reasoning = assistant_reasoning(message) if index > last_plain_answer else None
             out.control(st.THINK_BEGIN)
             out.text(reasoning or "")
             out.control(st.THINK_END)
@@ -138,6 +139,13 @@ def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
             out.control(st.THINK_BEGIN)
             out.control(st.THINK_END)
     return out
+
+
+def assistant_reasoning(message: Mapping) -> str | None:
+    """An assistant message's reasoning: `reasoning` (vLLM's current name) when set, else
+    `reasoning_content` (DeepSeek's, and vLLM's earlier one)."""
+    reasoning = message.get("reasoning")
+    return reasoning if reasoning is not None else message.get("reasoning_content")
 
 
 def _header(out: _Segments, role_token: str, name: str) -> None:
@@ -226,8 +234,9 @@ def _check_messages(messages) -> None:
             raise ValueError(f"{where}.name: expected a string")
         _check_content(message.get("content"), f"{where}.content", optional=role == "assistant")
         if role == "assistant":
-            if not isinstance(message.get("reasoning_content") or "", str):
-                raise ValueError(f"{where}.reasoning_content: expected a string")
+            for name in ("reasoning", "reasoning_content"):
+                if not isinstance(message.get(name) or "", str):
+                    raise ValueError(f"{where}.{name}: expected a string")
             called_ids.update(_check_tool_calls(message.get("tool_calls"), f"{where}.tool_calls"))
         elif message.get("tool_calls"):
             raise ValueError(f"{where}.tool_calls: only assistant messages make tool calls")

@@ -197,6 +197,66 @@ def test_tool_history_is_rendered_with_k2_ids(client, scripted, tokenizer):
     assert "## Return of functions.get_weather:0\n22 C, sunny" in prompt
 
 
+def _reasoning_names(fields: dict) -> dict:
+    return {name: fields[name] for name in ("reasoning", "reasoning_content") if name in fields}
+
+
+def _streamed_reasoning(chunks) -> dict:
+    """Each reasoning field's text, added up over the chunks' deltas."""
+    totals = {}
+    for chunk in chunks:
+        for name, text in _reasoning_names(chunk.choices[0].delta.model_extra or {}).items():
+            totals[name] = totals.get(name, "") + text
+    return totals
+
+
+def test_reasoning_goes_out_under_both_names_by_default(client):
+    request = dict(model=MODEL, messages=_user("hello"))
+    message = client.chat.completions.create(**request).choices[0].message
+    assert _reasoning_names(message.model_extra) == {"reasoning": "Greet back.",
+                                                     "reasoning_content": "Greet back."}
+    chunks = [c for c in client.chat.completions.create(**request, stream=True) if c.choices]
+    assert _streamed_reasoning(chunks) == {"reasoning": "Greet back.",
+                                           "reasoning_content": "Greet back."}
+
+
+@pytest.mark.parametrize("only", ["reasoning", "reasoning_content"])
+def test_a_server_option_picks_one_reasoning_name(scripted, tokenizer, only):
+    limits = ServerLimits(max_seq_len=1000, max_prompt_tokens=500, max_tokens=100)
+    app = OpenAIServer(scripted[1], tokenizer, model_name=MODEL, limits=limits,
+                       reasoning_fields=(only,)).app()
+    with BackgroundServer(app) as server:
+        one = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        request = dict(model=MODEL, messages=_user("hello"))
+        message = one.chat.completions.create(**request).choices[0].message
+        assert _reasoning_names(message.model_extra) == {only: "Greet back."}
+        chunks = [c for c in one.chat.completions.create(**request, stream=True) if c.choices]
+        assert _streamed_reasoning(chunks) == {only: "Greet back."}
+    with pytest.raises(ValueError, match="reasoning_fields"):
+        OpenAIServer(scripted[1], tokenizer, model_name=MODEL, limits=limits,
+                     reasoning_fields=("thoughts",))
+
+
+@pytest.mark.parametrize("fields, rendered", [
+    ({"reasoning": "R new"}, "R new"),
+    ({"reasoning_content": "R old"}, "R old"),
+    ({"reasoning": "R new", "reasoning_content": "R old"}, "R new"),
+    ({"reasoning": None, "reasoning_content": "R old"}, "R old"),
+])
+def test_history_reasoning_is_read_under_either_name(client, scripted, tokenizer, fields,
+                                                     rendered):
+    # Reasoning is kept in a tool-call chain: the assistant turn that called, then its result.
+    messages = _user("weather?") + [
+        {"role": "assistant", "content": None, **fields, "tool_calls": [
+            {"id": "functions.get_weather:0", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "22 C"}]
+    client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER_TOOL])
+    prompt = tokenizer.decode(scripted[0].prompts[-1])
+    assert f"<|im_assistant|>assistant<|im_middle|><think>{rendered}</think>" in prompt
+    assert prompt.count("R ") == 1
+
+
 def test_text_completions_and_models(client, scripted, tokenizer):
     response = client.completions.create(model=MODEL, prompt=["one", "two"], n=2, max_tokens=50)
     assert [c.index for c in response.choices] == [0, 1, 2, 3]

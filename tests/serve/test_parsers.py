@@ -149,7 +149,7 @@ def test_several_markers_in_one_delta():
     first = parser.feed("<think>plan</think>Checking." + SECTION + "<|tool_call_begin|>functions.f:0"
                         "<|tool_call_argument_begin|>{\"a\"")
     assert first.to_openai() == {
-        "reasoning_content": "plan", "content": "Checking.",
+        "reasoning": "plan", "reasoning_content": "plan", "content": "Checking.",
         "tool_calls": [{"index": 0, "id": "functions.f:0", "type": "function",
                         "function": {"name": "f", "arguments": '{"a"'}}]}
     second = parser.feed(": 1}<|tool_call_end|>" + _tool("functions.g:1", "{}") + END_SECTION + "<|im_end|>")
@@ -199,6 +199,18 @@ def test_prompt_opens_reasoning():
     assert not prompt_opens_reasoning(render_chat([{"role": "user", "content": "hi"}]))
 
 
+OLD_NAME = ("reasoning_content",)  # the messages below carry reasoning under this name only
+
+
+def test_reasoning_goes_out_under_the_names_asked_for():
+    parsed = parse_output("<think>why</think>so")
+    assert parsed.to_openai() == {"role": "assistant", "content": "so", "reasoning": "why",
+                                  "reasoning_content": "why"}
+    assert parsed.to_openai(("reasoning",)) == {"role": "assistant", "content": "so",
+                                                "reasoning": "why"}
+    assert parse_output("so").to_openai() == {"role": "assistant", "content": "so"}
+
+
 ASSISTANT_MESSAGES = [
     {"role": "assistant", "content": "Plain answer, 中文 and 😀.",
      "reasoning_content": "Short thought.\nTwo lines."},
@@ -223,7 +235,7 @@ def _rendered_assistant_turn(message) -> str:
 def test_parse_of_render_round_trips(message):
     if not message.get("tool_calls"):  # a final answer's reasoning is not rendered; keep it via a tool chain
         message = {**message, "reasoning_content": None}
-    assert parse_output(_rendered_assistant_turn(message)).to_openai() == {
+    assert parse_output(_rendered_assistant_turn(message)).to_openai(OLD_NAME) == {
         key: value for key, value in message.items() if value is not None or key == "content"}
 
 
@@ -235,7 +247,8 @@ def test_round_trip_through_token_ids_and_streaming_detokenization(tokenizer, me
     header = ids.index(tokenizer.special_id(st.IM_ASSISTANT))
     body_start = ids.index(tokenizer.special_id(st.IM_MIDDLE), header) + 1
     turn = ids[body_start:ids.index(tokenizer.im_end_id, header) + 1]  # body and its <|im_end|>
-    assert parse_output(tokenizer.decode(turn, skip_special_tokens=True)).to_openai() == message
+    assert parse_output(tokenizer.decode(turn, skip_special_tokens=True)).to_openai(
+        OLD_NAME) == message
 
     detokenizer, parser, deltas = tokenizer.detokenizer(skip_special_tokens=True), OutputParser(), []
     for token_id in turn:
@@ -243,4 +256,4 @@ def test_round_trip_through_token_ids_and_streaming_detokenization(tokenizer, me
         assert "\ufffd" not in text
         deltas.append(parser.feed(text))
     deltas += [parser.feed(detokenizer.finish()), parser.finish()]
-    assert _replay(deltas).to_openai() == message
+    assert _replay(deltas).to_openai(OLD_NAME) == message
