@@ -59,8 +59,8 @@ def test_heavy_generates_candidates_then_aggregates(heavy_server, tokenizer):
                                               extra_body={"heavy": {"n": 3}})
     first, second = engine.prompts[before:]
     assert first == chat.render(tokenizer, QUESTION).token_ids
-    candidates = [{"role": "assistant", "content": f"4{i}", "reasoning_content": "6 x 7"}
-                  for i in range(3)]
+    candidates = [{"role": "assistant", "content": f"4{i}", "reasoning": "6 x 7",
+                   "reasoning_content": "6 x 7"} for i in range(3)]
     assert response.model_extra["heavy"] == {"candidates": candidates}
     expected = chat.render(tokenizer, aggregation_messages(QUESTION, candidates))
     assert second == expected.token_ids
