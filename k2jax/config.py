@@ -16,6 +16,11 @@ from typing import Any, Mapping
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
+# Kimi K2.5 and later (K2.6, K2.7-Code) wrap the same text model with a vision tower and
+# projector: the text model's config is `text_config`, its weights sit under `language_model.`.
+WRAPPER_ARCHITECTURES = ("KimiK25ForConditionalGeneration",)
+WRAPPER_MODEL_TYPES = ("kimi_k25",)
+LANGUAGE_MODEL_PREFIX = "language_model."
 
 # Groups of linears that may be stored as INT4 `QuantizedWeight`s. K2 Thinking quantizes only
 # `routed_experts`; the rest stay bf16.
@@ -226,7 +231,11 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike | Mapping[str, Any], **overrides) -> "ModelConfig":
-        """Reads a hub config: a model directory, a config.json path, or its parsed dict."""
+        """Reads a hub config: a model directory, a config.json path, or its parsed dict.
+
+        A K2.5-style wrapper config (`KimiK25ForConditionalGeneration`) gives its text model:
+        `text_config`, with the wrapper's `quantization_config` when the text config has none;
+        the vision tower is not part of the model k2jax runs (see `is_wrapper_config`)."""
         where = "config"
         if not isinstance(source, Mapping):
             path = os.fspath(source)
@@ -241,7 +250,7 @@ class ModelConfig:
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path}: not valid JSON ({e})") from None
         try:
-            return cls(**_fields_from_hf(dict(source)), **overrides)
+            return cls(**_fields_from_hf(text_model_config(source)), **overrides)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -311,6 +320,29 @@ _IGNORED_HF_KEYS = {
     "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
     "begin_suppress_tokens", "diversity_penalty", "output_router_logits",
 }
+
+
+def is_wrapper_config(hf: Mapping[str, Any]) -> bool:
+    """Whether a config.json is a K2.5-style multimodal wrapper of the text model."""
+    archs = hf.get("architectures") or []
+    return (any(a in WRAPPER_ARCHITECTURES for a in archs)
+            or hf.get("model_type") in WRAPPER_MODEL_TYPES or "text_config" in hf)
+
+
+def text_model_config(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """The text model's config.json dict: `hf` itself, or a wrapper's `text_config` (with the
+    wrapper's `quantization_config` when the text config has none of its own)."""
+    if not is_wrapper_config(hf):
+        return dict(hf)
+    text = hf.get("text_config")
+    if not isinstance(text, Mapping):
+        raise ConfigError(f"model_type {hf.get('model_type')!r} / architectures "
+                          f"{hf.get('architectures')} wraps a text model, but text_config is "
+                          f"{'missing' if text is None else type(text).__name__}")
+    text = dict(text)
+    if "quantization_config" not in text and hf.get("quantization_config"):
+        text["quantization_config"] = hf["quantization_config"]
+    return text
 
 
 def _fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
@@ -418,7 +450,9 @@ def _quantization_from_hf(qc: dict[str, Any] | None) -> dict[str, Any]:
     ignore = qc.get("ignore") or []
     quantized = []
     for linear_group, modules in _HF_MODULE_EXAMPLES.items():
-        hits = [not _ignored(m, ignore) for m in modules]
+        # A wrapper's list may name modules with or without the `language_model.` prefix.
+        hits = [not (_ignored(m, ignore) or _ignored(LANGUAGE_MODEL_PREFIX + m, ignore))
+                for m in modules]
         if all(hits):
             quantized.append(linear_group)
         elif any(hits):

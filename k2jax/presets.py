@@ -41,7 +41,15 @@ def _k2_yarn(factor):
     return _yarn(factor, beta_fast=1.0, beta_slow=1.0)
 
 
+# K2.5 and later (K2.6, K2.7-Code) wrap a text model of K2's shape with DeepSeek's YaRN betas
+# (32 / 1) and rms_norm_eps 1e-5; k2jax runs the text model.
+_K25_TEXT = ModelConfig(**{**_K2_COMMON, "rms_norm_eps": 1e-5}, rope_scaling=_yarn(64.0),
+                        quantized_linears=("routed_experts",))
+
 PRESETS = {
+    "kimi-k2.5": _K25_TEXT,
+    "kimi-k2.6": _K25_TEXT,
+    "kimi-k2.7-code": _K25_TEXT,
     "kimi-k2-thinking": ModelConfig(**_K2_COMMON, rope_scaling=_k2_yarn(64.0),
                                     quantized_linears=("routed_experts",)),
     "kimi-k2-instruct": ModelConfig(**{**_K2_COMMON, "max_position_embeddings": 131072},

@@ -44,6 +44,57 @@ def test_k2_thinking_json_reads_as_the_preset(tmp_path):
     assert config == ModelConfig.preset("kimi-k2-thinking")
 
 
+# Kimi-K2.5's config.json: the text model of K2's shape (YaRN beta_fast 32, rms_norm_eps 1e-5)
+# as `text_config` of a multimodal wrapper, abridged; its INT4 ignore list covers everything but
+# the routed experts, in patterns that match with or without the `language_model.` prefix.
+K25_QUANTIZATION = {**K2_THINKING_QUANTIZATION, "ignore": [
+    "lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+    "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]}
+K25_TEXT_JSON = {**{k: v for k, v in K2_THINKING_JSON.items() if k != "quantization_config"},
+                 "rms_norm_eps": 1e-05, "quantization_config": K25_QUANTIZATION,
+                 "rope_scaling": {**K2_THINKING_JSON["rope_scaling"], "beta_fast": 32.0}}
+K25_JSON = {
+    "architectures": ["KimiK25ForConditionalGeneration"], "model_type": "kimi_k25",
+    "auto_map": {"AutoConfig": "configuration_kimi_k25.KimiK25Config"},
+    "bos_token_id": 163584, "eos_token_id": 163585, "pad_token_id": 163839,
+    "media_placeholder_token_id": 163605, "ignore_index": -100, "tie_word_embeddings": False,
+    "text_config": K25_TEXT_JSON,
+    "vision_config": {"patch_size": 14, "vt_hidden_size": 1152, "vt_num_hidden_layers": 27,
+                      "mm_hidden_size": 1152, "text_hidden_size": 7168,
+                      "mm_projector_type": "patchmerger"},
+}
+
+
+@pytest.mark.parametrize("where", ["text_config", "top level", "both"])
+def test_k25_wrapper_config_reads_its_text_model(tmp_path, where):
+    hf = json.loads(json.dumps(K25_JSON))
+    if where != "text_config":
+        hf["quantization_config"] = hf["text_config"]["quantization_config"]
+    if where == "top level":
+        del hf["text_config"]["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    config = ModelConfig.from_hf(tmp_path)
+    assert config == ModelConfig.preset("kimi-k2.5")
+    assert (config.rope_scaling.beta_fast, config.rms_norm_eps) == (32.0, 1e-5)
+    assert config.quantized_linears == ("routed_experts",)
+    assert ModelConfig.preset("kimi-k2.6") == ModelConfig.preset("kimi-k2.7-code") == config
+
+
+def test_k25_ignore_list_written_with_the_language_model_prefix():
+    prefixed = {**K25_QUANTIZATION, "ignore": ["language_model.lm_head",
+                                               "re:language_model\\.model\\.layers\\.\\d+\\.self_attn.*",
+                                               "re:.*shared_experts.*", "re:.*layers\\.0\\.mlp.*"]}
+    hf = {**K25_JSON, "quantization_config": prefixed,
+          "text_config": {k: v for k, v in K25_TEXT_JSON.items() if k != "quantization_config"}}
+    assert ModelConfig.from_hf(hf).quantized_linears == ("routed_experts",)
+
+
+def test_a_wrapper_without_text_config_is_refused():
+    hf = {k: v for k, v in K25_JSON.items() if k != "text_config"}
+    with pytest.raises(ConfigError, match="text_config is missing"):
+        ModelConfig.from_hf(hf)
+
+
 def test_transformers5_rope_parameters_equal_old_keys():
     old = dict(K2_THINKING_JSON)
     new = {k: v for k, v in old.items() if k not in ("rope_scaling", "rope_theta")}
