@@ -21,11 +21,16 @@ import threading
 import ml_dtypes
 import numpy as np
 
+from k2jax.config import LANGUAGE_MODEL_PREFIX, ConfigError, is_wrapper_config, text_model_config
+
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # A header is a few MB even for 1T-parameter shards; a larger length field means corruption.
 _MAX_HEADER_BYTES = 100 << 20
+# What a K2.5-style wrapper holds beside its language model: the vision tower and the projector
+# into the text model's width. k2jax runs the text model, so these are left out and reported.
+MULTIMODAL_PREFIXES = ("vision_tower.", "mm_projector.", "multi_modal_projector.")
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -123,14 +128,27 @@ def refuse_pickle(directory: str, files) -> None:
 
 class HFCheckpoint:
     """A hub model directory with validated headers: `config` (dict), `tensors` (name ->
-    `TensorInfo`) and `read(name) -> np.ndarray`."""
+    `TensorInfo`) and `read(name) -> np.ndarray`.
+
+    A K2.5-style wrapper (`KimiK25ForConditionalGeneration`) is read as its language model:
+    `config` is its `text_config`, `tensors` are named without the `language_model.` prefix
+    (`TensorInfo.name` keeps the stored name), and the vision tower's and projector's tensors
+    are in `left_out`. `source_config` is config.json as stored.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = os.path.abspath(os.fspath(directory))
         if not os.path.isdir(self.directory):
             raise ConversionError(f"{self.directory}: no such directory")
         listing = os.listdir(self.directory)
-        self.config = self._read_json("config.json")
+        self.source_config = self._read_json("config.json")
+        self.config, self.prefix = self.source_config, ""
+        if is_wrapper_config(self.source_config):
+            try:
+                self.config = text_model_config(self.source_config)
+            except ConfigError as e:
+                raise ConversionError(f"config.json: {e}") from None
+            self.prefix = LANGUAGE_MODEL_PREFIX
         # The file that says where tensors are: missing ones are reported against it.
         self.index_name = INDEX_FILE if INDEX_FILE in listing else SINGLE_FILE
         if INDEX_FILE in listing:
@@ -142,6 +160,9 @@ class HFCheckpoint:
         else:
             refuse_pickle(self.directory, listing)
         self.tensors = self._read_headers(weight_map)
+        self.left_out: dict[str, TensorInfo] = {}
+        if self.prefix:
+            self.tensors, self.left_out = self._language_model_tensors(self.tensors)
         self._files: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -193,11 +214,42 @@ class HFCheckpoint:
             raise ConversionError(problems)
         return tensors
 
+    def _language_model_tensors(self, tensors: dict[str, TensorInfo]):
+        """`(language model tensors without the prefix, left-out multimodal tensors)`; any
+        other tensor keeps its name, to be reported as unexpected."""
+        kept, left_out, problems = {}, {}, []
+        for name, info in tensors.items():
+            if name.startswith(MULTIMODAL_PREFIXES):
+                left_out[name] = info
+                continue
+            key = name.removeprefix(self.prefix)
+            if key in kept:
+                problems.append(f"{info.file}: {name}: the language model's {key} is stored "
+                                f"twice (also as {kept[key].name})")
+            kept[key] = info
+        if problems:
+            raise ConversionError(problems)
+        return kept, left_out
+
+    def stored_name(self, name: str) -> str:
+        """The name a tensor of the language model has (or would have) in the files."""
+        info = self.tensors.get(name)
+        return info.name if info is not None else self.prefix + name
+
+    def left_out_summary(self) -> dict[str, list[int]]:
+        """`{top-level module: [tensors, bytes]}` of the tensors left out."""
+        summary: dict[str, list[int]] = {}
+        for name, info in sorted(self.left_out.items()):
+            entry = summary.setdefault(name.split(".", 1)[0], [0, 0])
+            entry[0] += 1
+            entry[1] += info.nbytes
+        return summary
+
     def fingerprint(self) -> dict:
         """Identifies the source for resuming: config and each shard's size and mtime."""
-        files = sorted({t.file for t in self.tensors.values()})
+        files = sorted({t.file for t in (*self.tensors.values(), *self.left_out.values())})
         stats = {f: os.stat(os.path.join(self.directory, f)) for f in files}
-        return {"directory": self.directory, "config": self.config,
+        return {"directory": self.directory, "config": self.source_config,
                 "files": {f: [s.st_size, s.st_mtime_ns] for f, s in stats.items()}}
 
     def read(self, name: str) -> np.ndarray:

@@ -15,6 +15,10 @@
    write `conversion.json` and finally `config.json` (the source's `auto_map` kept, for the
    export), then rename `OUT.partial` to `OUT`.
 
+A K2.5-style wrapper checkpoint (`KimiK25ForConditionalGeneration`) converts as its language
+model: `text_config` and the tensors under `language_model.`; the vision tower and projector are
+left out, named in the log and in `conversion.json` (`left_out`: tensors and bytes per module).
+
 A run killed at any point and started again with the same arguments redoes only units without
 a done marker (rewriting their whole chunk files), so it ends byte-identical to an
 uninterrupted run. Nothing loads before the end: `OUT` does not exist, and `k2jax.load`
@@ -81,20 +85,20 @@ def validate(hf: HFCheckpoint, units, source: ModelConfig, fp8) -> dict[str, lis
             for name, (shape, dtypes) in want.items():
                 info = hf.tensors.get(name)
                 if info is None:
-                    problems.append(f"{hf.index_name}: missing tensor {name} ("
+                    problems.append(f"{hf.index_name}: missing tensor {hf.stored_name(name)} ("
                                     f"{'/'.join(dtypes)}{list(shape)}, for "
                                     f"{'/'.join(item.leaf)})")
                 elif info.shape != shape:
-                    problems.append(f"{info.file}: {name}: shape {list(info.shape)}, "
+                    problems.append(f"{info.file}: {info.name}: shape {list(info.shape)}, "
                                     f"config.json implies {list(shape)}")
                 elif info.dtype not in dtypes:
-                    problems.append(f"{info.file}: {name}: dtype {info.dtype}, expected "
+                    problems.append(f"{info.file}: {info.name}: dtype {info.dtype}, expected "
                                     f"{' or '.join(dtypes)}")
     problems += _int4_shape_problems(hf, units)
     for name in sorted(hf.tensors.keys() - expected):
         if not hf_layout.extra_layer(name, source, nextn):
-            problems.append(f"{hf.tensors[name].file}: {name}: unexpected tensor (config.json "
-                            "describes no such parameter)")
+            problems.append(f"{hf.tensors[name].file}: {hf.stored_name(name)}: unexpected "
+                            "tensor (config.json describes no such parameter)")
     if problems:
         raise ConversionError(problems)
     return reads
@@ -111,7 +115,7 @@ def _int4_shape_problems(hf: HFCheckpoint, units) -> list[str]:
         din, dout = item.source.values.shape
         got = hf.read(name).tolist()
         if got != [dout, din]:
-            problems.append(f"{info.file}: {name}: {got}, config.json implies [{dout}, {din}]")
+            problems.append(f"{info.file}: {info.name}: {got}, config.json implies [{dout}, {din}]")
     return problems
 
 
@@ -135,6 +139,9 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         units = hf_layout.plan(source, target)
         reads = validate(hf, units, source, fp8)
         provenance = {"source": hf.fingerprint(), "dtype": dtype, "format": 1}
+        left_out = hf.left_out_summary()
+        if left_out:
+            provenance["left_out"] = left_out
         skipped = sorted(hf.tensors.keys() - {n for names in reads.values() for n in names})
         if _already_done(out, partial, provenance):
             # A checkpoint converted before files were bundled gets the missing ones.
@@ -142,6 +149,11 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
             log(f"{out} already holds this conversion"
                 + (f"; added {', '.join(added)}" if added else ""))
             return read_config(out)
+        if left_out:
+            wrapper = ", ".join(hf.source_config.get("architectures") or ["a wrapper"])
+            log(f"converting the language model of {wrapper}; leaving out "
+                + ", ".join(f"{module} ({count} tensors, {nbytes / 2**20:.1f} MiB)"
+                            for module, (count, nbytes) in left_out.items()))
         if skipped:
             log(f"skipping {len(skipped)} tensors of layers past num_hidden_layers="
                 f"{source.num_hidden_layers} (multi-token prediction, which k2jax does not run)")
