@@ -9,12 +9,14 @@ Everything is deterministic and takes well under a second.
 
 import base64
 import functools
+import json
 import os
 from collections import Counter
 from pathlib import Path
 
 import regex
 
+from k2jax.text import special_tokens as st
 from k2jax.text.special_tokens import NUM_SPECIAL_SLOTS
 from k2jax.text.tokenizer import PRETOKENIZE_PATTERN, K2Tokenizer
 
@@ -109,3 +111,35 @@ def tiny_tokenizer(vocab_size: int = 768) -> K2Tokenizer:
 def write_tiny_tiktoken_file(directory: str | os.PathLike, vocab_size: int = 768) -> Path:
     """Writes `tiktoken.model` for `tiny_tokenizer(vocab_size)` into `directory`; returns its path."""
     return write_tiktoken_file(Path(directory) / "tiktoken.model", tiny_ranks(vocab_size))
+
+
+# The tool-call markers are not `special` in K2's table (they are kept by skip_special_tokens).
+_NOT_SPECIAL = {st.TOOL_CALLS_SECTION_BEGIN, st.TOOL_CALLS_SECTION_END, st.TOOL_CALL_BEGIN,
+                st.TOOL_CALL_ARGUMENT_BEGIN, st.TOOL_CALL_END}
+
+
+def write_tokenizer_config(directory: str | os.PathLike, num_base_tokens: int,
+                           names: dict[int, str] | None = None, **fields) -> Path:
+    """Writes `tokenizer_config.json` in the hub's format (K2's fields, `added_tokens_decoder`
+    keyed by id strings); `names` (`{id: text}`) default to K2's layout after
+    `num_base_tokens` ranks; `fields` override top-level entries."""
+    if names is None:
+        names = {num_base_tokens + k2_id - st.K2_NUM_BASE_TOKENS: text
+                 for text, k2_id in st.K2_SPECIAL_TOKEN_IDS.items()}
+    table = {str(token_id): {"content": text, "lstrip": False, "normalized": False,
+                             "rstrip": False, "single_word": False,
+                             "special": text not in _NOT_SPECIAL}
+             for token_id, text in sorted(names.items())}
+    config = {
+        "added_tokens_decoder": table,
+        "additional_special_tokens": [st.IM_END, st.IM_USER, st.IM_ASSISTANT,
+                                      "<|start_header_id|>", "<|end_header_id|>", "[EOT]",
+                                      st.IM_SYSTEM, st.IM_MIDDLE],
+        "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
+        "bos_token": st.BOS, "clean_up_tokenization_spaces": False, "eos_token": st.EOS,
+        "extra_special_tokens": {}, "model_max_length": 1000000000000000019884624838656,
+        "pad_token": st.PAD, "tokenizer_class": "TikTokenTokenizer", "unk_token": st.UNK,
+    } | fields
+    path = Path(directory) / "tokenizer_config.json"
+    path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path

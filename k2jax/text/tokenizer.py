@@ -10,9 +10,10 @@ forge turns). Control tokens enter a prompt only through the chat template, by n
 
 import base64
 import codecs
+import json
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import tiktoken
 
@@ -39,6 +40,11 @@ MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 TIKTOKEN_FILE_NAME = "tiktoken.model"
+TOKENIZER_CONFIG_FILE_NAME = "tokenizer_config.json"
+# The fields of tokenizer_config.json that name a role's token (a string, or an AddedToken
+# dict `{"content": ...}` as transformers may write it).
+_ROLE_FIELDS = {"bos_token": "bos_id", "eos_token": "eos_id", "pad_token": "pad_id",
+                "unk_token": "unk_id"}
 
 
 def load_ranks(path: str | os.PathLike) -> dict[bytes, int]:
@@ -82,21 +88,26 @@ class K2Tokenizer:
     `k2jax.text.special_tokens`): with the released file, `[BOS]` is 163584 and `vocab_size` 163840.
     """
 
-    def __init__(self, mergeable_ranks: dict[bytes, int], name: str = "kimi-k2"):
+    def __init__(self, mergeable_ranks: dict[bytes, int], name: str = "kimi-k2",
+                 special_token_names: Mapping[int, str] | None = None):
+        """`special_token_names`: `{id: text}` of the named special tokens (the checkpoint's
+        `added_tokens_decoder`); default K2's own layout. Unnamed slots are reserved tokens."""
         self.num_base_tokens = len(mergeable_ranks)
-        self.special_tokens = st.special_tokens_for(self.num_base_tokens)
+        self.special_tokens = (st.special_tokens_for(self.num_base_tokens)
+                               if special_token_names is None else
+                               _special_tokens_named(self.num_base_tokens, special_token_names))
         self.vocab_size = self.num_base_tokens + st.NUM_SPECIAL_SLOTS
         self._encoding = tiktoken.Encoding(
             name, pat_str=PRETOKENIZE_PATTERN, mergeable_ranks=mergeable_ranks,
             special_tokens=self.special_tokens, explicit_n_vocab=self.vocab_size)
         self._special_names = {token_id: text for text, token_id in self.special_tokens.items()}
         self._mergeable_ranks = mergeable_ranks
-        self.bos_id = self.special_tokens[st.BOS]
-        self.eos_id = self.special_tokens[st.EOS]
-        self.im_end_id = self.special_tokens[st.IM_END]
-        self.pad_id = self.special_tokens[st.PAD]
-        self.unk_id = self.special_tokens[st.UNK]
-        self.stop_ids = (self.im_end_id, self.eos_id)
+        self.bos_id = self.special_tokens.get(st.BOS)
+        self.eos_id = self.special_tokens.get(st.EOS)
+        self.im_end_id = self.special_tokens.get(st.IM_END)
+        self.pad_id = self.special_tokens.get(st.PAD)
+        self.unk_id = self.special_tokens.get(st.UNK)
+        self.stop_ids = tuple(i for i in (self.im_end_id, self.eos_id) if i is not None)
         # The most bytes (so characters) one token covers: a bound that lets a server refuse
         # text too long for its prompt limit without tokenizing it.
         self.max_token_bytes = max(
@@ -108,10 +119,28 @@ class K2Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "K2Tokenizer":
-        """Loads `tiktoken.model`, given as the file or the directory that holds it."""
+        """Loads `tiktoken.model`, given as the file or the directory that holds it, with the
+        special tokens of the `tokenizer_config.json` beside it (K2's layout without one)."""
         if os.path.isdir(path):
             path = os.path.join(path, TIKTOKEN_FILE_NAME)
-        return cls(load_ranks(path))
+        config_path = os.path.join(os.path.dirname(os.path.abspath(path)),
+                                   TOKENIZER_CONFIG_FILE_NAME)
+        if not os.path.isfile(config_path):
+            return cls(load_ranks(path))
+        ranks = load_ranks(path)
+        names, roles = read_tokenizer_config(config_path)
+        try:
+            tokenizer = cls(ranks, special_token_names=names)
+        except ValueError as e:
+            raise ValueError(f"{config_path}: {e}") from None
+        for field, token in roles.items():
+            if token not in tokenizer.special_tokens:
+                raise ValueError(f"{config_path}: {field} {token!r} is not among the special "
+                                 "tokens of added_tokens_decoder")
+            setattr(tokenizer, _ROLE_FIELDS[field], tokenizer.special_tokens[token])
+        tokenizer.stop_ids = tuple(dict.fromkeys(
+            i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None))
+        return tokenizer
 
     @property
     def tiktoken_encoding(self) -> tiktoken.Encoding:
@@ -124,7 +153,9 @@ class K2Tokenizer:
         try:
             return self.special_tokens[token]
         except KeyError:
-            raise ValueError(f"{token!r} is not a special token of this tokenizer") from None
+            raise ValueError(f"{token!r} is not a special token of this tokenizer (its "
+                             "tokenizer_config.json's added_tokens_decoder does not name it)"
+                             ) from None
 
     def is_special(self, token_id: int) -> bool:
         return token_id >= self.num_base_tokens
@@ -176,6 +207,61 @@ class K2Tokenizer:
         for token_id in token_ids:
             if not 0 <= token_id < self.vocab_size:
                 raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
+
+
+def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str], dict[str, str]]:
+    """`({id: text} of added_tokens_decoder, {"bos_token": text, ...})` from a hub
+    `tokenizer_config.json`; raises ValueError naming the file and the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    table = config.get("added_tokens_decoder")
+    if not isinstance(table, dict) or not table:
+        raise ValueError(f"{path}: added_tokens_decoder: expected a non-empty object of "
+                         "{\"ID\": {\"content\": TEXT, ...}}")
+    names = {}
+    for key, entry in table.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ValueError(f"{path}: added_tokens_decoder: key {key!r} is not a token id")
+        content = entry.get("content") if isinstance(entry, dict) else None
+        if not isinstance(content, str) or not content:
+            raise ValueError(f"{path}: added_tokens_decoder[{key!r}].content: expected a "
+                             "non-empty string")
+        names[int(key)] = content
+    roles = {}
+    for field in _ROLE_FIELDS:
+        value = config.get(field)
+        if isinstance(value, dict):  # an AddedToken serialised by transformers
+            value = value.get("content")
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            raise ValueError(f"{path}: {field}: expected a string or {{\"content\": ...}}")
+        roles[field] = value
+    return names, roles
+
+
+def _special_tokens_named(num_base_tokens: int, names: Mapping[int, str]) -> dict[str, int]:
+    """The 256 special slots after the base ranks, named by `names` (`{id: text}`), the rest
+    `<|reserved_token_N|>`, as K2's tokenizer lays them out."""
+    last = num_base_tokens + st.NUM_SPECIAL_SLOTS - 1
+    outside = sorted(i for i in names if not num_base_tokens <= i <= last)
+    if outside:
+        raise ValueError(f"added_tokens_decoder: id {outside[0]} ({names[outside[0]]!r}) is "
+                         f"outside the special slots {num_base_tokens}..{last} after the "
+                         f"{num_base_tokens} base ranks")
+    tokens = {}
+    for token_id in range(num_base_tokens, last + 1):
+        text = names.get(token_id, f"<|reserved_token_{token_id}|>")
+        if text in tokens:
+            raise ValueError(f"added_tokens_decoder: {text!r} names both {tokens[text]} and "
+                             f"{token_id}")
+        tokens[text] = token_id
+    return tokens
 
 
 class IncrementalDetokenizer:

@@ -8,7 +8,11 @@ import pytest
 import regex
 
 from k2jax.text import special_tokens as st
-from k2jax.text.testing import tiny_ranks, tiny_tokenizer, write_tiktoken_file
+import json
+
+from k2jax.text import load_tokenizer
+from k2jax.text.testing import (tiny_ranks, tiny_tokenizer, write_tiktoken_file,
+                               write_tiny_tiktoken_file, write_tokenizer_config)
 from k2jax.text.tokenizer import MAX_RUN_CHARS, PRETOKENIZE_PATTERN, K2Tokenizer, load_ranks
 
 UNICODE_SAMPLES = [
@@ -58,6 +62,70 @@ def test_from_file_matches_in_memory(tiktoken_dir, tokenizer):
     text = UNICODE_SAMPLES[3]
     assert loaded.vocab_size == tokenizer.vocab_size
     assert loaded.encode(text) == tokenizer.encode(text)
+
+
+def _hub_tokenizer_dir(tmp_path, names=None, **fields):
+    write_tiny_tiktoken_file(tmp_path)
+    base = tiny_tokenizer().num_base_tokens
+    write_tokenizer_config(tmp_path, base, names, **fields)
+    return tmp_path, base
+
+
+def test_hub_tokenizer_config_gives_the_same_tokenizer(tmp_path, tokenizer):
+    directory, _ = _hub_tokenizer_dir(tmp_path)
+    assert '"163' not in (directory / "tokenizer_config.json").read_text()  # tiny offsets
+    for path in (directory, directory / "tiktoken.model"):
+        loaded = load_tokenizer(path)
+        assert loaded.special_tokens == tokenizer.special_tokens
+        assert (loaded.bos_id, loaded.eos_id, loaded.pad_id, loaded.unk_id, loaded.stop_ids) == (
+            tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.unk_id,
+            tokenizer.stop_ids)
+
+
+def test_added_tokens_decoder_names_the_special_slots(tmp_path):
+    base = tiny_tokenizer().num_base_tokens
+    # K2 Instruct's table: no media or thinking tokens; and a slot K2 leaves reserved, named.
+    names = {base + k2_id - st.K2_NUM_BASE_TOKENS: text
+             for text, k2_id in st.K2_SPECIAL_TOKEN_IDS.items()
+             if not (text.startswith("<|media") or "think>" in text)}
+    names[base + 5] = "<|custom|>"
+    directory, _ = _hub_tokenizer_dir(tmp_path, names,
+                                      eos_token={"__type": "AddedToken", "content": "<|im_end|>",
+                                                 "lstrip": False, "rstrip": False})
+    loaded = load_tokenizer(directory)
+    assert loaded.special_id("<|custom|>") == base + 5
+    assert loaded.id_to_token(base + 22) == f"<|reserved_token_{base + 22}|>"
+    with pytest.raises(ValueError, match="'<think>' is not a special token.*added_tokens_decoder"):
+        loaded.special_id("<think>")
+    assert loaded.eos_id == loaded.im_end_id == base + 2 and loaded.stop_ids == (base + 2,)
+    assert sorted(loaded.special_tokens.values()) == list(range(base, base + 256))
+
+
+@pytest.mark.parametrize("change, says", [
+    (lambda c, base: c["added_tokens_decoder"].update({str(base + 256): {"content": "<|x|>"}}),
+     "outside the special slots"),
+    (lambda c, base: c["added_tokens_decoder"].update({str(base + 9): {"content": "[BOS]"}}),
+     r"'\[BOS\]' names both"),
+    (lambda c, base: c["added_tokens_decoder"].update({"abc": {"content": "<|x|>"}}),
+     "key 'abc' is not a token id"),
+    (lambda c, base: c["added_tokens_decoder"][str(base)].pop("content"),
+     rf"added_tokens_decoder\['\d+'\].content"),
+    (lambda c, base: c.pop("added_tokens_decoder"), "added_tokens_decoder: expected"),
+    (lambda c, base: c.update(bos_token="<|nope|>"), "bos_token '<|nope|>' is not among"),
+    (lambda c, base: c.update(pad_token=7), "pad_token: expected a string"),
+])
+def test_bad_tokenizer_configs_name_the_file_and_field(tmp_path, change, says):
+    directory, base = _hub_tokenizer_dir(tmp_path)
+    path = directory / "tokenizer_config.json"
+    config = json.loads(path.read_text())
+    change(config, base)
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=says) as error:
+        load_tokenizer(directory)
+    assert "tokenizer_config.json" in str(error.value)
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="tokenizer_config.json: not valid JSON"):
+        load_tokenizer(directory)
 
 
 @pytest.mark.parametrize("text", UNICODE_SAMPLES)
