@@ -27,11 +27,11 @@ from serve.sampling import SamplingParams
 
 
 def render(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
-           *, thinking: bool = True) -> ChatPrompt:
-    """The prompt for a conversation, ending with the assistant turn's header (and an empty
-    `<think></think>` when `thinking` is off)."""
+           *, thinking: bool = True, preserve_thinking: bool = False) -> ChatPrompt:
+    """The prompt for a conversation in the tokenizer's chat format, ending with the assistant
+    turn's header (and an empty `<think></think>` when `thinking` is off)."""
     return apply_chat_template(tokenizer, messages, tools, normalize_tool_call_ids=True,
-                               thinking=thinking)
+                               thinking=thinking, preserve_thinking=preserve_thinking)
 
 
 def detokenizer(tokenizer):

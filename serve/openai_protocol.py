@@ -144,11 +144,12 @@ class ResponseFormat(_Strict):
 
 
 class ChatTemplateKwargs(_Strict):
-    """vLLM's `chat_template_kwargs`; K2 Thinking's template reads none, so only what the
-    renderer implements is accepted: `thinking` (false pre-fills `<think></think>`, as the
-    later K2 templates do with thinking off)."""
+    """vLLM's `chat_template_kwargs`: the flags of the K2.5 / K2.6 templates, which the renderer
+    implements for every format: `thinking` (false pre-fills `<think></think>`) and
+    `preserve_thinking` (every assistant turn keeps its reasoning)."""
 
     thinking: bool = True
+    preserve_thinking: bool = False
 
 
 class ChatCompletionRequest(_SamplingRequest, _ignoring("chat")):

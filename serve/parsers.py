@@ -16,6 +16,10 @@ result. What it reads (see shared/K2_FORMAT.md):
 and the ways generations stray from it:
 - reasoning ends at `</think>` or at the tool section, whichever comes first (K2 Thinking may go
   straight into tool calls); with `starts_in_reasoning` the prompt has already opened `<think>`;
+- a call whose id names no function (`k2jax.text.tool_call_ids`: `functions.NAME:IDX`, or
+  `NAME:IDX`) is dropped, as vLLM and SGLang drop it; ids are returned as generated;
+- text after `<|tool_calls_section_end|>` (or between calls) is layout, not content, as in vLLM
+  and SGLang's one-shot parse; a call with no arguments gets `{}`, as vLLM gives it;
 - the singular `<|tool_call_section_begin|>` / `..._end|>` spellings; a missing section begin,
   call end or section end; whitespace and newlines around ids and arguments; ids with `-` or `.`;
 - a section cut off by `max_tokens`: a call whose arguments had begun is kept with the arguments
@@ -31,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from k2jax.text import special_tokens as st
+from k2jax.text.tool_call_ids import tool_name_from_id
 
 REASONING_FIELDS = ("reasoning", "reasoning_content")
 
@@ -40,6 +45,7 @@ class _State(enum.Enum):
     REASONING = enum.auto()
     CONTENT = enum.auto()
     SECTION = enum.auto()    # in a tool-call section, between calls
+    AFTER_SECTION = enum.auto()  # after the section's end: only a stop or more calls count
     CALL_ID = enum.auto()    # after <|tool_call_begin|>
     ARGUMENTS = enum.auto()  # after <|tool_call_argument_begin|>
     DONE = enum.auto()       # after <|im_end|>: nothing more belongs to the message
@@ -57,7 +63,8 @@ def _dropping_other_markers(transitions: dict) -> dict:
 
 
 _ENDS_OF_A_CALL = {st.TOOL_CALL_END: _State.SECTION, st.TOOL_CALL_BEGIN: _State.CALL_ID,
-                   st.IM_END: _State.DONE} | {marker: _State.CONTENT for marker in _SECTION_ENDS}
+                   st.IM_END: _State.DONE} | {marker: _State.AFTER_SECTION
+                                              for marker in _SECTION_ENDS}
 _TRANSITIONS: dict[_State, dict[str, _State | None]] = {
     _State.REASONING: _dropping_other_markers(
         {st.THINK_END: _State.CONTENT, st.TOOL_CALL_BEGIN: _State.CALL_ID, st.IM_END: _State.DONE}
@@ -67,7 +74,10 @@ _TRANSITIONS: dict[_State, dict[str, _State | None]] = {
         | {marker: _State.SECTION for marker in _SECTION_BEGINS}),
     _State.SECTION: _dropping_other_markers(
         {st.TOOL_CALL_BEGIN: _State.CALL_ID, st.IM_END: _State.DONE}
-        | {marker: _State.CONTENT for marker in _SECTION_ENDS}),
+        | {marker: _State.AFTER_SECTION for marker in _SECTION_ENDS}),
+    _State.AFTER_SECTION: _dropping_other_markers(
+        {st.TOOL_CALL_BEGIN: _State.CALL_ID, st.IM_END: _State.DONE}
+        | {marker: _State.SECTION for marker in _SECTION_BEGINS}),
     _State.CALL_ID: _dropping_other_markers(
         {st.TOOL_CALL_ARGUMENT_BEGIN: _State.ARGUMENTS} | _ENDS_OF_A_CALL),
     # Arguments are free text (a file's contents may mention any marker): only ends of a call count.
@@ -76,15 +86,6 @@ _TRANSITIONS: dict[_State, dict[str, _State | None]] = {
 _MARKER_PATTERNS = {state: re.compile("|".join(map(re.escape, transitions)))
                     for state, transitions in _TRANSITIONS.items()}
 _LONGEST_MARKER = {state: max(map(len, transitions)) for state, transitions in _TRANSITIONS.items()}
-
-
-def tool_name_from_id(call_id: str) -> str:
-    """`functions.NAME:IDX` -> NAME: the part between the first `.` and the index."""
-    head, colon, index = call_id.rpartition(":")
-    if not colon or not index.isdigit():
-        head = call_id
-    prefix, dot, name = head.partition(".")
-    return name if dot else prefix
 
 
 def prompt_opens_reasoning(prompt_text: str) -> bool:
@@ -184,7 +185,7 @@ class OutputParser:
         if not self._finished:
             self._run(final=True)
             if self._state is not _State.CALL_ID:  # a call cut off inside its id is dropped
-                self._leave()
+                self._leave(_State.DONE)
             self._finished = True
         return self._take_delta()
 
@@ -212,7 +213,7 @@ class OutputParser:
             self._pending = self._pending[match.end():]
             next_state = _TRANSITIONS[self._state][match.group()]
             if next_state is not None:
-                self._leave()
+                self._leave(next_state)
                 self._enter(next_state)
         if self._state is _State.DONE:
             self._pending = ""
@@ -243,18 +244,27 @@ class OutputParser:
             self._call_id += text
         elif self._state is _State.ARGUMENTS and self._open_call is not None:
             self._add_arguments(self._open_call, self._arguments.push(text))
-        # Text between calls in a section is layout, not content.
+        # Text between calls or after the section is layout, not content.
 
-    def _leave(self) -> None:
+    def _leave(self, next_state: _State) -> None:
         if self._state is _State.REASONING:
             self._reasoning.close()
         elif self._state is _State.CONTENT:
             self._content.close()
         elif self._state is _State.CALL_ID:
             self._start_call(self._call_id.strip())
+            if next_state is not _State.ARGUMENTS:
+                self._close_call()
         elif self._state is _State.ARGUMENTS:
             self._arguments.close()
-            self._open_call = None
+            self._close_call()
+
+    def _close_call(self) -> None:
+        """Ends the open call; one with no argument text gets `{}` (what a call of a function
+        without parameters sends, and what clients can `json.loads`)."""
+        if self._open_call is not None and not self._argument_parts[self._open_call]:
+            self._add_arguments(self._open_call, "{}")
+        self._open_call = None
 
     def _enter(self, state: _State) -> None:
         self._state = state
@@ -265,11 +275,12 @@ class OutputParser:
             self._arguments = _TrimmedField()
 
     def _start_call(self, call_id: str) -> None:
-        if not call_id:  # nothing to answer it by: the call cannot be used
+        name = tool_name_from_id(call_id)
+        if name is None:  # names no function: the call cannot be used (its arguments are dropped)
             return
         self._open_call = len(self._calls)
         call = {"id": call_id, "type": "function",
-                "function": {"name": tool_name_from_id(call_id), "arguments": ""}}
+                "function": {"name": name, "arguments": ""}}
         self._calls.append(call)
         self._argument_parts.append([])
         self._delta.tool_calls.append({"index": self._open_call, **call,

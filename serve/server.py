@@ -35,7 +35,8 @@ ignored, named in one logged warning per request):
   chat            messages, tools, tool_choice ("auto", "none", "required", {"type":
                   "function", "function": {"name"}}), parallel_tool_calls,
                   max_completion_tokens, logprobs, top_logprobs [0, 20], response_format
-                  ({"type": "text" | "json_object"}), chat_template_kwargs ({"thinking": bool}),
+                  ({"type": "text" | "json_object"}), chat_template_kwargs ({"thinking":
+                  bool, "preserve_thinking": bool}),
                   heavy {"n": 2..16} (`serve.heavy`)
   completions     prompt: text, token ids, or a list of either; echo (false only);
                   logprobs [0, 5]
@@ -217,14 +218,14 @@ class OpenAIServer:
         self._check_stop_ids(req)
         tool_choice = self._check_chat_options(req)
         self._check_text_fits(_message_chars(req.messages))
-        prompt = self._render(req.messages, req.tools, _thinking(req))
+        prompt = self._render(req.messages, req.tools, _template_flags(req))
         self._check_prompt(len(prompt.token_ids))
         reserved = 0
         if req.heavy is not None:
             # The aggregation prompt holds the conversation, every candidate and instructions.
             empty = [{"content": None}] * req.heavy.n
             reserved = len(self._render(heavy.aggregation_messages(req.messages, empty),
-                                        req.tools, _thinking(req)).token_ids) - len(
+                                        req.tools, _template_flags(req)).token_ids) - len(
                                             prompt.token_ids)
         earlier_calls = sum(len(m.get("tool_calls") or ()) for m in req.messages
                             if m.get("role") == "assistant")
@@ -288,7 +289,7 @@ class OpenAIServer:
         await run_to_end(self.loop, candidates_stream, choices.feed_all)
         candidates = [choice["message"] for choice in choices.choices()]
         prompt = self._render(heavy.aggregation_messages(req.messages, candidates), req.tools,
-                              _thinking(req))
+                              _template_flags(req))
         room = self.limits.max_seq_len - len(prompt.token_ids)
         if room < 1:
             raise ProtocolError(400, f"heavy: the aggregation prompt has {len(prompt.token_ids)}"
@@ -411,9 +412,9 @@ class OpenAIServer:
             raise ProtocolError(404, f"model {model!r} does not exist; this server serves "
                                 f"{self.model_name!r}", "model", "model_not_found")
 
-    def _render(self, messages, tools, thinking: bool = True):
+    def _render(self, messages, tools, flags: dict):
         try:
-            return chat.render(self.tokenizer, messages, tools, thinking=thinking)
+            return chat.render(self.tokenizer, messages, tools, **flags)
         except (ValueError, KeyError, TypeError) as e:
             raise ProtocolError(400, str(e).strip("'\""), "messages") from None
 
@@ -482,8 +483,10 @@ def _wants_json(req) -> bool:
     return req.response_format is not None and req.response_format.type == "json_object"
 
 
-def _thinking(req) -> bool:
-    return req.chat_template_kwargs is None or req.chat_template_kwargs.thinking
+def _template_flags(req) -> dict:
+    """The renderer's `thinking` and `preserve_thinking` from `chat_template_kwargs`."""
+    kwargs = req.chat_template_kwargs or proto.ChatTemplateKwargs()
+    return {"thinking": kwargs.thinking, "preserve_thinking": kwargs.preserve_thinking}
 
 
 def _message_chars(messages) -> int:

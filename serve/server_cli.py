@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 
+from k2jax.text.chat_formats import CHAT_FORMATS
 from serve.parsers import REASONING_FIELDS
 
 EXAMPLE = """\
@@ -61,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-tokens", type=int,
                         help="most output tokens per completion (default: the context minus one)")
     parser.add_argument("--seed", type=int, default=0, help="random weights' seed for presets")
+    parser.add_argument("--chat-template", choices=("auto",) + tuple(CHAT_FORMATS),
+                        default="auto",
+                        help="which K2 chat template to render prompts with: auto (default) "
+                             "reads the checkpoint's chat_template.jinja, else K2 Thinking's")
     parser.add_argument("--reasoning-field", choices=("both",) + REASONING_FIELDS,
                         default="both",
                         help="the response field reasoning goes out under: `reasoning` (vLLM's "
@@ -88,6 +93,8 @@ def load_model_and_tokenizer(args, mesh=None):
         name = f"k2jax-{args.preset}"
         config, tokenizer = preset_and_tokenizer(config, args.preset, args.tokenizer)
         params = random_params(config, args.seed)
+    if getattr(args, "chat_template", "auto") != "auto":
+        tokenizer.chat_format = CHAT_FORMATS[args.chat_template]
     if tokenizer.vocab_size > config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model only "
                          f"{config.vocab_size}")

@@ -1,4 +1,5 @@
 """K2 Thinking's chat template, in Python: OpenAI-style messages (and tools) to prompt text and ids.
+The K2.5 family's templates are variants of it (`chat_format`, see `k2jax.text.chat_formats`).
 
 The layout, as the released template writes it (see shared/K2_FORMAT.md):
 - no BOS and nothing between messages; each message is `HEADER BODY <|im_end|>` with header
@@ -19,13 +20,13 @@ become a control token, whatever it contains.
 """
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from k2jax.text import special_tokens as st
-
-DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
+from k2jax.text.chat_formats import DEFAULT_SYSTEM_PROMPT, K2_THINKING, ChatFormat
+from k2jax.text.tool_call_ids import is_k2_tool_call_id
+from k2jax.text.tool_declarations import UnsupportedSchema, typescript_declarations
 ROLES = ("system", "user", "assistant", "tool")
 _HEADER_TOKEN = {"user": st.IM_USER, "assistant": st.IM_ASSISTANT}
 
@@ -58,7 +59,8 @@ class _Segments:
 
 def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None, *,
                 add_generation_prompt: bool = True, normalize_tool_call_ids: bool = False,
-                thinking: bool = True) -> str:
+                thinking: bool = True, preserve_thinking: bool = False,
+                chat_format: ChatFormat = K2_THINKING) -> str:
     """The prompt text for `messages` (and `tools`), as K2 Thinking's template renders it.
 
     Args:
@@ -74,19 +76,28 @@ def render_chat(messages: Sequence[Mapping], tools: Sequence[Mapping] | None = N
         K2 id there already has it); ids in K2's form render exactly as given. K2 degrades over
         turns when the history holds ids of another shape. Off by default: every id renders
         verbatim, as the released template does.
-      thinking: False pre-fills an empty `<think></think>` after the generation prompt.
+      thinking: False pre-fills an empty `<think></think>` after the generation prompt (and,
+        in the K2.5 formats, empties the reasoning of the current tool chain's turns).
+      preserve_thinking: every assistant turn keeps its reasoning (K2.6's flag).
+      chat_format: which of the family's templates (`k2jax.text.chat_formats`).
     Raises:
       ValueError: a malformed message or tool, naming its index and field.
     """
-    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking)
+    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking,
+                       preserve_thinking, chat_format)
     return "".join(text for _, text in segments.parts)
 
 
 def apply_chat_template(tokenizer, messages: Sequence[Mapping], tools: Sequence[Mapping] | None = None,
                         *, add_generation_prompt: bool = True,
-                        normalize_tool_call_ids: bool = False, thinking: bool = True) -> ChatPrompt:
-    """`render_chat` plus token ids from `tokenizer` (a `k2jax.text.tokenizer.K2Tokenizer`)."""
-    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking)
+                        normalize_tool_call_ids: bool = False, thinking: bool = True,
+                        preserve_thinking: bool = False,
+                        chat_format: ChatFormat | None = None) -> ChatPrompt:
+    """`render_chat` plus token ids from `tokenizer` (a `k2jax.text.tokenizer.K2Tokenizer`); the
+    format defaults to the tokenizer's (its checkpoint's template, as `load_tokenizer` read it)."""
+    chat_format = chat_format or getattr(tokenizer, "chat_format", K2_THINKING)
+    segments = _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking,
+                       preserve_thinking, chat_format)
     token_ids = []
     for is_control, text in segments.parts:
         if is_control:
@@ -96,31 +107,45 @@ def apply_chat_template(tokenizer, messages: Sequence[Mapping], tools: Sequence[
     return ChatPrompt("".join(text for _, text in segments.parts), token_ids)
 
 
-def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
-            thinking=True) -> _Segments:
+def tool_declaration(tools: Sequence[Mapping], chat_format: ChatFormat = K2_THINKING) -> str:
+    """The body of the `tool_declare` turn. The official tokenizers sort every object's keys
+    (recursively) first, so the bytes do not depend on the caller's key order; then K2 Thinking
+    writes compact JSON, K2.5 a TypeScript-style declaration (JSON when that fails)."""
+    ordered = json.loads(json.dumps(list(tools), sort_keys=True))
+    if chat_format.typescript_tools:
+        try:
+            declaration = typescript_declarations(ordered)
+        except UnsupportedSchema:
+            declaration = ""
+        if declaration:
+            return declaration
+    return json.dumps(ordered, ensure_ascii=False, separators=(",", ":"))
+
+
+def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids, thinking=True,
+            preserve_thinking=False, chat_format: ChatFormat = K2_THINKING) -> _Segments:
     _check_tools(tools)
     _check_messages(messages)
     call_ids = _tool_call_ids(messages, normalize_tool_call_ids)
     out = _Segments()
     if tools:
         _header(out, st.IM_SYSTEM, "tool_declare")
-        # The official tokenizer sorts every object's keys (recursively) before the template's
-        # compact `tojson`: the declaration bytes do not depend on the caller's key order.
-        out.text(json.dumps(list(tools), ensure_ascii=False, separators=(",", ":"),
-                            sort_keys=True))
+        out.text(tool_declaration(tools, chat_format))
         out.control(st.IM_END)
-    if not messages or messages[0]["role"] != "system":
+    if chat_format.default_system_prompt and (not messages or messages[0]["role"] != "system"):
         _header(out, st.IM_SYSTEM, "system")
         out.text(DEFAULT_SYSTEM_PROMPT)
         out.control(st.IM_END)
-    last_plain_answer = max(
+    last_plain_answer = -1 if preserve_thinking else max(
         (i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")),
         default=-1)
+    keeps_reasoning = thinking or preserve_thinking or not chat_format.thinking_off_drops_reasoning
     for index, message in enumerate(messages):
         role = message["role"]
         _header(out, _HEADER_TOKEN.get(role, st.IM_SYSTEM), message.get("name") or role)
         if role == "assistant":
-            reasoning = assistant_reasoning(message) if index > last_plain_answer else None
+            reasoning = (assistant_reasoning(message)
+                         if index > last_plain_answer and keeps_reasoning else None)
             out.control(st.THINK_BEGIN)
             out.text(reasoning or "")
             out.control(st.THINK_END)
@@ -138,6 +163,8 @@ def _render(messages, tools, add_generation_prompt, normalize_tool_call_ids,
         if not thinking:
             out.control(st.THINK_BEGIN)
             out.control(st.THINK_END)
+        elif chat_format.prefill_think:
+            out.control(st.THINK_BEGIN)
     return out
 
 
@@ -176,20 +203,17 @@ def _content_text(message: Mapping) -> str:
     return "".join(part["text"] for part in content)
 
 
-_K2_CALL_ID = re.compile(r"functions\.[^:\s]+:\d+")
-
-
 def _tool_call_ids(messages, normalize: bool) -> dict[tuple[int, int | None], str]:
     """The id to render for each call, keyed `(message index, call index)`, and for each tool
     result, keyed `(message index, None)`: as given, or, normalizing, foreign ids K2-shaped."""
     taken = {call["id"] for m in messages if m["role"] == "assistant"
-             for call in m.get("tool_calls") or () if _K2_CALL_ID.fullmatch(call["id"])}
+             for call in m.get("tool_calls") or () if is_k2_tool_call_id(call["id"])}
     ids, renamed, count = {}, {}, 0
     for index, message in enumerate(messages):
         if message["role"] == "assistant":
             for k, call in enumerate(message.get("tool_calls") or ()):
                 rendered = call["id"]
-                if normalize and not _K2_CALL_ID.fullmatch(rendered):
+                if normalize and not is_k2_tool_call_id(rendered):
                     name, slot = call["function"]["name"], count
                     while f"functions.{name}:{slot}" in taken:
                         slot += 1

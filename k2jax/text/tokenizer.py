@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 import tiktoken
 
 from k2jax.text import special_tokens as st
+from k2jax.text.chat_formats import K2_THINKING, chat_format_of_directory
 
 # K2's pre-tokenizer. `&&` is character-class intersection: tiktoken's engine reads it as such,
 # the `regex` package only with its V1 flag, and the standard `re` module not at all.
@@ -113,6 +114,9 @@ class K2Tokenizer:
         self.max_token_bytes = max(
             max(map(len, mergeable_ranks), default=1),
             max((len(t.encode()) for t in self.special_tokens), default=1))
+        # The chat template the checkpoint was trained with (`k2jax.text.chat_formats`), as HF
+        # tokenizers carry theirs; `from_file` reads it from the checkpoint directory.
+        self.chat_format = K2_THINKING
         self._skipped_ids = frozenset(
             token_id for text, token_id in self.special_tokens.items()
             if text not in st.KEPT_WHEN_SKIPPING_SPECIALS)
@@ -120,11 +124,17 @@ class K2Tokenizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "K2Tokenizer":
         """Loads `tiktoken.model`, given as the file or the directory that holds it, with the
-        special tokens of the `tokenizer_config.json` beside it (K2's layout without one)."""
+        special tokens of the `tokenizer_config.json` beside it (K2's layout without one) and
+        the chat format of the template beside it (K2 Thinking's without one)."""
         if os.path.isdir(path):
             path = os.path.join(path, TIKTOKEN_FILE_NAME)
-        config_path = os.path.join(os.path.dirname(os.path.abspath(path)),
-                                   TOKENIZER_CONFIG_FILE_NAME)
+        directory = os.path.dirname(os.path.abspath(path))
+        tokenizer = cls._from_files(path, os.path.join(directory, TOKENIZER_CONFIG_FILE_NAME))
+        tokenizer.chat_format = chat_format_of_directory(directory) or K2_THINKING
+        return tokenizer
+
+    @classmethod
+    def _from_files(cls, path: str, config_path: str) -> "K2Tokenizer":
         if not os.path.isfile(config_path):
             return cls(load_ranks(path))
         ranks = load_ranks(path)

@@ -2,6 +2,7 @@
 finish reasons through the real `openai` client, request validation, API keys, disconnects
 and engine failures. No model runs here (see test_server.py for the real engine)."""
 
+import copy
 import json
 import threading
 import time
@@ -10,6 +11,7 @@ import httpx2
 import openai
 import pytest
 
+from k2jax.text.chat_formats import chat_format
 from serve import openai_protocol as proto
 from serve.engine_loop import EngineLoop
 from serve.openai_protocol import ProtocolError
@@ -255,6 +257,37 @@ def test_history_reasoning_is_read_under_either_name(client, scripted, tokenizer
     prompt = tokenizer.decode(scripted[0].prompts[-1])
     assert f"<|im_assistant|>assistant<|im_middle|><think>{rendered}</think>" in prompt
     assert prompt.count("R ") == 1
+
+
+def test_a_k25_checkpoint_template_renders_and_parses_its_way(scripted, tokenizer):
+    k25_tokenizer = copy.copy(tokenizer)
+    k25_tokenizer.chat_format = chat_format("k2.5")
+    limits = ServerLimits(max_seq_len=100_000, max_prompt_tokens=50_000, max_tokens=1000)
+    app = OpenAIServer(scripted[1], k25_tokenizer, model_name=MODEL, limits=limits).app()
+    with BackgroundServer(app) as server:
+        k25 = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        response = k25.chat.completions.create(model=MODEL, messages=_user("weather?"),
+                                               tools=[WEATHER_TOOL])
+        prompt = tokenizer.decode(scripted[0].prompts[-1])
+        assert prompt.startswith("<|im_system|>tool_declare<|im_middle|># Tools\n")
+        assert "You are Kimi" not in prompt
+        assert prompt.endswith("<|im_assistant|>assistant<|im_middle|><think>")
+        message = response.choices[0].message
+        assert message.model_extra["reasoning"] == "The user wants the weather, so I call the tool."
+        assert message.tool_calls[0].id == "functions.get_weather:0"
+        k25.chat.completions.create(model=MODEL, messages=_user("hello"),
+                                    extra_body={"chat_template_kwargs": {"thinking": False}})
+        assert tokenizer.decode(scripted[0].prompts[-1]).endswith("<|im_middle|><think></think>")
+
+
+def test_preserve_thinking_keeps_every_turns_reasoning(client, scripted, tokenizer):
+    messages = _user("q1") + [{"role": "assistant", "content": "a1", "reasoning": "R early"}] + (
+        _user("hello"))
+    client.chat.completions.create(model=MODEL, messages=messages)
+    assert "R early" not in tokenizer.decode(scripted[0].prompts[-1])
+    client.chat.completions.create(model=MODEL, messages=messages, extra_body={
+        "chat_template_kwargs": {"preserve_thinking": True}})
+    assert "<think>R early</think>a1" in tokenizer.decode(scripted[0].prompts[-1])
 
 
 def test_text_completions_and_models(client, scripted, tokenizer):

@@ -7,8 +7,8 @@ import pytest
 
 from k2jax.text import special_tokens as st
 from k2jax.text.chat_template import apply_chat_template, render_chat
-from serve.parsers import (OutputParser, ParsedMessage, parse_output, prompt_opens_reasoning,
-                           tool_name_from_id)
+from k2jax.text.tool_call_ids import tool_name_from_id
+from serve.parsers import OutputParser, ParsedMessage, parse_output, prompt_opens_reasoning
 
 
 def _call(call_id, arguments):
@@ -69,9 +69,23 @@ CASES = [
     ("arguments_may_mention_markers",
      SECTION + _tool("functions.note:0", MARKERS_AS_ARGUMENTS) + END_SECTION, False,
      (None, None, [_call("functions.note:0", MARKERS_AS_ARGUMENTS)])),
-    ("text_after_the_section_is_content",
-     SECTION + " \n " + _tool("functions.f:0", "{}") + "\n" + END_SECTION + "trailing text", False,
-     (None, "trailing text", [_call("functions.f:0", "{}")])),
+    # As vLLM (both modes) and SGLang (one-shot) parse it: what follows the section is dropped.
+    ("text_after_the_section_is_not_content",
+     "<think>r</think>Before." + SECTION + " \n " + _tool("functions.f:0", "{}") + "\n" + END_SECTION
+     + "trailing text<|im_end|>", False, ("r", "Before.", [_call("functions.f:0", "{}")])),
+    ("text_between_calls_and_a_second_section",
+     SECTION + _tool("functions.f:0", "{}") + "between" + END_SECTION + "after"
+     + SECTION + _tool("functions.g:1", '{"a": 1}') + END_SECTION, False,
+     (None, None, [_call("functions.f:0", "{}"), _call("functions.g:1", '{"a": 1}')])),
+    ("ids_that_name_no_function_are_dropped",
+     SECTION + _tool("call_abc123", '{"a":1}') + _tool("functions.lookup", '{"b":2}')
+     + _tool("functions.get weather:2", "{}") + _tool("7", "{}") + _tool("functions.ok:4", '{"c":3}')
+     + END_SECTION, False, (None, None, [_call("functions.ok:4", '{"c":3}')])),
+    ("id_without_the_functions_prefix", SECTION + _tool("search:0", '{"q": 1}') + END_SECTION, False,
+     (None, None, [_call("search:0", '{"q": 1}')])),
+    ("calls_without_arguments_get_an_empty_object",
+     SECTION + _tool("functions.now:0", " ") + "<|tool_call_begin|>functions.today:1<|tool_call_end|>"
+     + END_SECTION, False, (None, None, [_call("functions.now:0", "{}"), _call("functions.today:1", "{}")])),
     ("call_without_section_begin", "<think>r</think>text" + _tool("functions.f:0", "{}"), False,
      ("r", "text", [_call("functions.f:0", "{}")])),
     ("call_without_id_is_dropped", SECTION + _tool(" ", '{"a":1}') + END_SECTION, False, (None, None, [])),
@@ -188,7 +202,8 @@ def test_feed_after_finish_raises():
 @pytest.mark.parametrize("call_id, name", [
     ("functions.get_weather:0", "get_weather"), ("functions.search.v2:12", "search.v2"),
     ("functions.get-weather:3", "get-weather"), ("get_weather:0", "get_weather"),
-    ("functions.lookup", "lookup"), ("plain", "plain")])
+    ("functions.lookup", None), ("plain", None), ("call_abc", None), ("3", None),
+    ("functions.a:1:2", None), ("functions.get weather:0", None), ("functions.:0", None)])
 def test_tool_name_from_id(call_id, name):
     assert tool_name_from_id(call_id) == name
 
