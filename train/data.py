@@ -118,8 +118,10 @@ def encode_chat(tokenizer: K2Tokenizer, messages, tools=None) -> Document:
                                                add_generation_prompt=answers)
     ids = list(prompt.token_ids)
     if answers:
-        ids += [tokenizer.special_id(st.THINK_BEGIN),
-                *tokenizer.encode(final.get("reasoning_content") or ""),
+        think = tokenizer.special_id(st.THINK_BEGIN)
+        if ids[-1:] != [think]:  # the K2.5 formats' generation prompt already opened it
+            ids.append(think)
+        ids += [*tokenizer.encode(chat_template.assistant_reasoning(final) or ""),
                 tokenizer.special_id(st.THINK_END),
                 *tokenizer.encode(_text(final.get("content"))),
                 tokenizer.special_id(st.IM_END)]

@@ -8,6 +8,7 @@ import pytest
 
 from k2jax.text import chat_template
 from k2jax.text import special_tokens as st
+from k2jax.text.chat_formats import chat_format
 from train import data
 
 
@@ -96,6 +97,18 @@ def test_chat_trains_the_final_reasoning_chain_as_inference_renders_it():
     assert "<think></think>Hello!" in context and "greet" not in context
     starts = np.flatnonzero(np.diff(doc.mask, prepend=0) == 1)
     assert all(doc.tokens[s - 1] == tok.special_id(st.IM_MIDDLE) for s in starts)
+
+
+def test_chat_in_a_k25_format_trains_after_the_prefilled_think():
+    tok = data.byte_tokenizer()
+    tok.chat_format = chat_format("k2.5")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "Hello!", "reasoning": "greet"}]
+    doc = data.encode_chat(tok, messages)
+    prompt = chat_template.apply_chat_template(tok, messages[:1], add_generation_prompt=True)
+    assert prompt.text.endswith("<|im_middle|><think>")
+    np.testing.assert_array_equal(doc.tokens[:len(prompt.token_ids)], prompt.token_ids)
+    assert tok.decode(doc.tokens[len(prompt.token_ids):].tolist()) == "greet</think>Hello!<|im_end|>"
 
 
 def test_chat_ending_in_a_tool_call_trains_the_open_chain():
