@@ -185,6 +185,12 @@ def check_split(mesh, what: str, count: int, axes) -> None:
                           f"of {count} ({_divisors(count)})")
 
 
+# A launch by hand (or by a test) names the coordinator and this process's place in the job:
+#   JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=0..3
+# SLURM, Open MPI and TPU pod slices are detected by jax itself.
+NUM_PROCESSES_ENV, PROCESS_ID_ENV = "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
+
+
 def _multi_process_env() -> bool:
     """Whether a launcher started several processes of this program (SLURM, MPI, TPU pods)."""
     env = os.environ
@@ -203,7 +209,19 @@ def initialize_distributed(force: bool | None = None) -> bool:
         return True
     if force is False or (force is None and not _multi_process_env()):
         return False
-    jax.distributed.initialize()
+    # CPU devices of different processes reach each other through gloo (the CPU backend has no
+    # cross-process collectives otherwise); accelerators are unaffected.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    explicit = {}
+    if os.environ.get(NUM_PROCESSES_ENV) and os.environ.get(PROCESS_ID_ENV):
+        try:
+            explicit = {"num_processes": int(os.environ[NUM_PROCESSES_ENV]),
+                        "process_id": int(os.environ[PROCESS_ID_ENV])}
+        except ValueError:
+            raise ValueError(f"{NUM_PROCESSES_ENV}={os.environ[NUM_PROCESSES_ENV]!r} and "
+                             f"{PROCESS_ID_ENV}={os.environ[PROCESS_ID_ENV]!r} must be "
+                             "integers") from None
+    jax.distributed.initialize(**explicit)
     return True
 
 

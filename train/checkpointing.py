@@ -1,8 +1,9 @@
 """Training checkpoints with Orbax: state, data position, asynchronous, atomic, keep-last-N.
 
 `OUT/checkpoints/<step>/` holds two items: `state` (the step counter, float32 master parameters
-and the optimizer state, as sharded arrays) and `data` (the data stream's position and seed,
-JSON). Orbax writes each checkpoint into a temporary directory and renames it when complete, in
+and the optimizer state, as sharded arrays) and `data` (every data stream's position and the
+seed, JSON, combined from all processes). In a multi-process run every process calls `save`
+and `restore`: Orbax writes each process's shards and process 0 the JSON. Orbax writes each checkpoint into a temporary directory and renames it when complete, in
 a background thread while training continues; a run killed (SIGKILL) mid-write leaves only a
 temporary directory, which is ignored and cleaned up, so the latest complete step is what
 `--resume` reads. SIGINT and SIGTERM leave none: the trainer stops between steps, saves, and
@@ -34,10 +35,15 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, state, data_state: dict, force: bool = False) -> bool:
-        """Starts writing `state` and `data_state` as `step` when due; returns whether it did."""
+    def save(self, step: int, state, data_state, force: bool = False) -> bool:
+        """Starts writing `state` and `data_state()` as `step` when due; returns whether it did.
+
+        `data_state` is called only then (on every process: combining the processes' data
+        positions is a collective)."""
+        if not (force or self.manager.should_save(step)):
+            return False
         return self.manager.save(step, force=force, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state())))
 
     def restore(self, step: int, abstract_state):
         """`(state, data_state)` of `step`, the state placed as `abstract_state`'s shardings.

@@ -18,10 +18,13 @@ epoch, whose document order is a fresh permutation drawn from `(seed, epoch)`.
 `JsonlCorpus.validate` encodes every record once before a run starts, so that a bad line is
 reported as `PATH:LINE: what is wrong` in seconds, before anything is compiled or written.
 
-The position in the stream, `(epoch, index, offset)` (document `index` of the epoch's order, pair
-`offset` inside it), is all the state there is; a checkpoint stores it and `Packer` resumes from
-it exactly. Every process packs the same global batch, so the stream does not depend on how
-many hosts read it.
+The global batch of B rows is B streams (`BatchStreams`): row r of every step comes from stream
+r, which packs its own share of each epoch's order (documents r, r + B, r + 2B, ...). A process
+packs only the rows its devices hold, so hosts read disjoint data, and the batch does not depend
+on how many processes share it: one process packing every row builds the same global batch.
+A stream's position, `(epoch, index, offset)` (document `index` of its share of the epoch's
+order, pair `offset` inside it), is all the state there is; a checkpoint stores every stream's
+and each process resumes its own exactly.
 """
 
 from __future__ import annotations
@@ -224,15 +227,20 @@ class DataPosition:
 
 
 class Packer:
-    """Deterministic stream of packed rows over a corpus (see the module docstring)."""
+    """Deterministic stream of packed rows over a corpus (see the module docstring): with
+    `num_streams > 1`, stream `stream` of them, over its share of each epoch's order."""
 
     def __init__(self, corpus: JsonlCorpus, seq_len: int, seed: int,
-                 position: DataPosition = DataPosition()):
+                 position: DataPosition = DataPosition(), *, stream: int = 0,
+                 num_streams: int = 1):
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
         self.position = position
+        self.stream, self.num_streams = stream, num_streams
 
     def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus))
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus))
+        # With fewer documents than streams, stream r takes document r mod n alone.
+        return order[self.stream % len(order)::self.num_streams]
 
     def rows(self, count: int) -> dict[str, np.ndarray]:
         """The next `count` rows: each of `BATCH_FIELDS` as `[count, seq_len]`."""
@@ -257,9 +265,12 @@ class Packer:
                     filled, offset, idle = filled + take, offset + take, 0
                 if offset >= len(doc.tokens) - 1:
                     index, offset, idle = index + 1, 0, idle + 1
-                    if idle > len(self.corpus):
-                        raise DataError(f"{self.corpus.path}: no document has two tokens")
-                    if index == len(self.corpus):
+                    if idle > len(self.corpus):  # a stream's shares may be short for a while
+                        if max(len(self.corpus.document(i).tokens)
+                               for i in range(len(self.corpus))) < 2:
+                            raise DataError(f"{self.corpus.path}: no document has two tokens")
+                        idle = 0
+                    if index == len(order):
                         epoch, index = epoch + 1, 0
                         order = self._order(epoch)
         self.position = DataPosition(epoch, index, offset)
@@ -278,6 +289,59 @@ class Packer:
                 f"documents, seq_len {state['seq_len']}) does not match this run's "
                 f"(seed {self.seed}, {len(self.corpus)} documents, seq_len {self.seq_len})")
         self.position = DataPosition(state["epoch"], state["index"], state["offset"])
+
+
+class BatchStreams:
+    """The global batch of `batch_size` rows, row r from stream r (see the module docstring);
+    this process packs `rows` (default all), the others stay zero."""
+
+    def __init__(self, corpus: JsonlCorpus, seq_len: int, seed: int, batch_size: int,
+                 rows=None):
+        self.corpus, self.seq_len, self.seed, self.batch_size = corpus, seq_len, seed, batch_size
+        rows = range(batch_size) if rows is None else sorted(rows)
+        self.packers = {r: Packer(corpus, seq_len, seed, stream=r, num_streams=batch_size)
+                        for r in rows}
+
+    def next_batch(self) -> dict[str, np.ndarray]:
+        """The next step's `[batch_size, seq_len]` rows (this process's rows filled)."""
+        out = {name: np.zeros((self.batch_size, self.seq_len),
+                              np.float32 if name == "weights" else np.int32)
+               for name in BATCH_FIELDS}
+        for row, packer in self.packers.items():
+            packed = packer.rows(1)
+            for name in BATCH_FIELDS:
+                out[name][row] = packed[name][0]
+        return out
+
+    def positions(self) -> np.ndarray:
+        """`[batch_size, 3]` int64 `(epoch, index, offset)` of this process's streams, -1 for
+        the streams of other processes (so that a maximum over processes combines them)."""
+        table = np.full((self.batch_size, 3), -1, np.int64)
+        for row, packer in self.packers.items():
+            table[row] = dataclasses.astuple(packer.position)
+        return table
+
+    def state(self, positions: np.ndarray | None = None) -> dict:
+        """JSON-serialisable positions of every stream (`positions`, combined over processes;
+        default this process's own), stored in every checkpoint."""
+        table = self.positions() if positions is None else np.asarray(positions)
+        if (table < 0).any():
+            raise ValueError("the data state needs every stream's position")
+        return {"seed": self.seed, "num_documents": len(self.corpus), "seq_len": self.seq_len,
+                "batch_size": self.batch_size, "streams": table.tolist()}
+
+    def restore(self, state: dict) -> None:
+        saved = (state.get("seed"), state.get("num_documents"), state.get("seq_len"),
+                 state.get("batch_size"))
+        if saved != (self.seed, len(self.corpus), self.seq_len, self.batch_size) or (
+                len(state.get("streams") or ()) != self.batch_size):
+            raise DataError(
+                f"checkpointed data streams (seed {saved[0]}, {saved[1]} documents, seq_len "
+                f"{saved[2]}, batch {saved[3]}) do not match this run's (seed {self.seed}, "
+                f"{len(self.corpus)} documents, seq_len {self.seq_len}, batch "
+                f"{self.batch_size})")
+        for row, packer in self.packers.items():
+            packer.position = DataPosition(*map(int, state["streams"][row]))
 
 
 def micro_batches(rows: dict[str, np.ndarray], grad_accum: int) -> dict[str, np.ndarray]:

@@ -6,8 +6,10 @@ the batch. Optimizer-state leaves take the sharding of the parameter whose path 
 ends with (AdamW's and Muon's moments under masks and partitions included); step counters and
 other scalars are replicated.
 
-Every process holds the same global batch (see `train.data`), so `put_batch` builds each global
-array from the local numpy batch by indexing; this is the same call on one CPU and on a pod.
+Each process packs only the rows of the global batch its devices hold (`local_rows`, see
+`train.data.BatchStreams`), and `put_batch` builds each global array from the process's numpy
+batch by indexing, asking only for its own shards; this is the same call on one CPU and on a
+pod. `gather_positions` combines the processes' data positions for a checkpoint.
 """
 
 from __future__ import annotations
@@ -66,7 +68,38 @@ def batch_shardings(batch, mesh):
             for k, v in batch.items()}
 
 
+def local_rows(sharding, shape: tuple[int, int, int]) -> set[int]:
+    """The rows `a * (B/A) + j` of the global batch, laid out `[A, B/A, T]`, that this
+    process's devices hold under `sharding`."""
+    accum, per_micro, _ = shape
+    rows = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        micro = range(accum)[index[0]]
+        within = range(per_micro)[index[1]]
+        rows.update(a * per_micro + j for a in micro for j in within)
+    return rows
+
+
+def gather_positions(positions: np.ndarray) -> np.ndarray:
+    """Every process's `BatchStreams.positions()` combined (-1 marks another's stream)."""
+    if jax.process_count() == 1:
+        return positions
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(positions)).max(axis=0)
+
+
+def max_over_processes(value: int) -> int:
+    """The largest of every process's `value` (all processes call it together): a signal that
+    reached one host stops every host at the same step."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).max())
+
+
 def put_batch(batch: dict[str, np.ndarray], shardings: dict):
-    """Global arrays from the (identical on every process) numpy batch."""
+    """Global arrays from this process's numpy batch (its rows filled; see `local_rows`)."""
     return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda index, v=v: v[index])
             for k, v in batch.items()}

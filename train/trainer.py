@@ -80,12 +80,14 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
                              f"only {config.vocab_size}")
     corpus = data.JsonlCorpus(cfg.data, tokenizer)
     corpus.validate()  # before the run directory exists and the step compiles
-    packer = data.Packer(corpus, cfg.seq_len, cfg.seed)
     ckpts = Checkpoints(cfg.out, cfg.checkpoint_every, cfg.keep_checkpoints)
     try:
         with sharding.activate(mesh):
             program = step_lib.build(config, cfg, mesh)
             state_sh, batch_sh = program.state_shardings, program.batch_shardings
+            micro_shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.seq_len)
+            packer = data.BatchStreams(corpus, cfg.seq_len, cfg.seed, cfg.batch_size,
+                                       train_mesh.local_rows(batch_sh["tokens"], micro_shape))
             step = _start_step(cfg, ckpts, resume, quiet)
             if jax.process_index() == 0:
                 cfg.save(cfg.out)  # from here on, even a run stopped at step 0 can resume
@@ -141,8 +143,16 @@ def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, star
     peak = metrics_lib.peak_flops()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     last, done, saved = {}, start, start
-    while done < cfg.steps and not stop.received:
-        batch = data.micro_batches(packer.rows(cfg.batch_size), cfg.grad_accum)
+
+    def data_state():
+        return packer.state(train_mesh.gather_positions(packer.positions()))
+
+    def stopping() -> bool:
+        stop.received = train_mesh.max_over_processes(stop.received or 0) or None
+        return stop.received is not None
+
+    while done < cfg.steps and not stopping():
+        batch = data.micro_batches(packer.next_batch(), cfg.grad_accum)
         began = time.perf_counter()
         state, step_metrics = compiled(state, train_mesh.put_batch(batch, batch_sh))
         step_metrics = jax.device_get(step_metrics)
@@ -152,10 +162,10 @@ def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, star
             last = metrics_lib.record(done, step_metrics, seconds, tokens_per_step, flops, peak,
                                       jax.device_count())
             log.write(last)
-        if ckpts.save(done, state, packer.state(), force=done == cfg.steps):
+        if ckpts.save(done, state, data_state, force=done == cfg.steps):
             saved = done
     if saved != done:
-        ckpts.save(done, state, packer.state(), force=True)
+        ckpts.save(done, state, data_state, force=True)
     return state, last, done
 
 

@@ -77,7 +77,8 @@ def test_finetune_from_the_int4_checkpoint_starts_at_its_loss(runner, uninterrup
     proc = start(out, "--steps", "2", "--tokenizer", "bytes",
                  model=("--checkpoint", str(root / "exported")))
     config, params = k2jax.load(root / "exported")
-    rows = data.Packer(data.JsonlCorpus(corpus, data.byte_tokenizer()), 32, seed=0).rows(4)
+    rows = data.BatchStreams(data.JsonlCorpus(corpus, data.byte_tokenizer()), 32, seed=0,
+                             batch_size=4).next_batch()
     batch = {k: jnp.asarray(v) for k, v in rows.items()}
 
     def loss(params):
