@@ -140,3 +140,29 @@ def test_record_kinds_and_errors(tmp_path):
     empty = data.JsonlCorpus(_write(tmp_path / "short.jsonl", [{"input_ids": [1]}]), tok)
     with pytest.raises(data.DataError, match="no document has two tokens"):
         data.Packer(empty, seq_len=4, seed=0).rows(1)
+
+
+def test_batch_streams_split_over_processes_build_the_same_batch(tmp_path):
+    path = _write(tmp_path / "c.jsonl", [{"text": "w" * n} for n in range(3, 40)])
+    corpus = data.JsonlCorpus(path, data.byte_tokenizer())
+    whole = data.BatchStreams(corpus, 16, seed=3, batch_size=4)
+    halves = [data.BatchStreams(corpus, 16, seed=3, batch_size=4, rows=rows)
+              for rows in ({0, 2}, {1, 3})]
+    for _ in range(12):  # past an epoch of every stream
+        expected = whole.next_batch()
+        parts = [h.next_batch() for h in halves]
+        for name in data.BATCH_FIELDS:
+            np.testing.assert_array_equal(parts[0][name][[1, 3]], 0)  # not this process's rows
+            combined = np.where(np.isin(np.arange(4), [0, 2])[:, None], parts[0][name],
+                                parts[1][name])
+            np.testing.assert_array_equal(combined, expected[name])
+    positions = np.maximum(halves[0].positions(), halves[1].positions())
+    assert whole.state() == halves[0].state(positions)
+    with pytest.raises(ValueError, match="every stream"):
+        halves[0].state()
+    resumed = data.BatchStreams(corpus, 16, seed=3, batch_size=4, rows={1, 3})
+    resumed.restore(whole.state())
+    np.testing.assert_array_equal(resumed.next_batch()["tokens"][[1, 3]],
+                                  whole.next_batch()["tokens"][[1, 3]])
+    with pytest.raises(data.DataError, match="batch 4"):
+        data.BatchStreams(corpus, 16, seed=3, batch_size=2).restore(whole.state())
