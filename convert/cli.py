@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -40,6 +41,15 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+def parse_worker(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4)."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"not a worker: {text!r} (I/N with 0 <= I < N, "
+                                         "e.g. 0/2)")
+    return int(index), int(count)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC",
                         help="hub model directory (config.json + safetensors), or with "
@@ -52,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: as the source, INT4 kept)")
     parser.add_argument("--max-shard-size", type=parse_size, default="5GB",
                         help="--to hf: largest safetensors shard (default 5GB)")
+    parser.add_argument("--worker", type=parse_worker, default=(0, 1), metavar="I/N",
+                        help="hub -> orbax: convert every N-th unit from the I-th (0-based) "
+                             "beside N-1 other workers run with the same arguments (other "
+                             "processes, or hosts sharing DST's filesystem); the last to "
+                             "finish writes the checkpoint, identical to a one-worker run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -103,6 +118,8 @@ def _convert(args: argparse.Namespace) -> int:
         if args.to == "hf":
             if args.dtype:
                 raise ConversionError("--dtype applies to hub -> orbax only")
+            if args.worker != (0, 1):
+                raise ConversionError("--worker applies to hub -> orbax only")
             from convert.to_hf import convert_to_hf
 
             convert_to_hf(args.src, args.dst, max_shard_bytes=args.max_shard_size,
@@ -111,7 +128,12 @@ def _convert(args: argparse.Namespace) -> int:
         else:
             from convert.to_orbax import convert_to_orbax
 
-            config = convert_to_orbax(args.src, args.dst, dtype=args.dtype, progress=progress)
+            config = convert_to_orbax(args.src, args.dst, dtype=args.dtype, progress=progress,
+                                      worker=args.worker)
+            if not os.path.isfile(os.path.join(args.dst, "config.json")):
+                print(f"worker {args.worker[0]}/{args.worker[1]} done; {args.dst} is written "
+                      "by the last worker to finish")
+                return 0
             int4 = ", INT4: " + ", ".join(config.quantized_linears) if config.quantized_linears \
                 else ""
             print(f"wrote k2jax checkpoint {args.dst} ({config.model_type}, "

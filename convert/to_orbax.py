@@ -28,6 +28,8 @@ refuses a directory without `config.json`, which is written last.
 from __future__ import annotations
 
 import collections
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -120,7 +122,7 @@ def _int4_shape_problems(hf: HFCheckpoint, units) -> list[str]:
 
 
 def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: bool = True,
-                     log=None) -> ModelConfig:
+                     log=None, worker: tuple[int, int] = (0, 1)) -> ModelConfig:
     """Converts the hub model in `hf_dir` to a k2jax checkpoint at `out_dir`; returns its config.
 
     Args:
@@ -128,11 +130,18 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         dtype name stores every weight in it, INT4 and FP8 dequantized.
       progress: show a tqdm bar (bytes/s, ETA) on stderr.
       log: called with one-line notes (skipped tensors, resuming); default stderr.
+      worker: `(i, n)`: convert only units i, i + n, i + 2n, ... of the plan, beside n - 1 other
+        workers (processes or hosts sharing the output's filesystem) given the same arguments;
+        whichever finishes the last unit finalizes, so the checkpoint is byte-identical to a
+        one-worker conversion. `out_dir` exists only once every worker's units are done.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
+    index, workers = worker
+    if not (isinstance(workers, int) and workers >= 1 and 0 <= index < workers):
+        raise ConversionError(f"worker {index}/{workers}: expected i/n with 0 <= i < n")
     out = os.path.abspath(os.fspath(out_dir))
     partial = out + ".partial"
-    with HFCheckpoint(hf_dir) as hf:
+    with HFCheckpoint(hf_dir) as hf, _OutputLock(out) as lock:
         source = ModelConfig.from_hf(hf.config)
         target = target_config(source, dtype)
         fp8 = fp8_blocks(hf.config)
@@ -143,6 +152,7 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         if left_out:
             provenance["left_out"] = left_out
         skipped = sorted(hf.tensors.keys() - {n for names in reads.values() for n in names})
+        lock.acquire()
         if _already_done(out, partial, provenance):
             # A checkpoint converted before files were bundled gets the missing ones.
             added = bundled_files.copy_bundled(hf.directory, out, replace=False)
@@ -159,12 +169,15 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
                 f"{source.num_hidden_layers} (multi-token prediction, which k2jax does not run)")
         specs = _array_specs(units)
         params_dir = os.path.join(partial, PARAMS_DIR)
-        state = _prepare(partial, provenance, log)
+        # Other workers may be writing: their in-flight chunk files stay until the finish.
+        state = _prepare(partial, provenance, log, discard_partial_writes=workers == 1)
         created = os.path.join(state, "created")
         arrays = store.open_arrays(params_dir, specs, create=not os.path.exists(created))
         _touch(created)
+        lock.release()
         done_dir = os.path.join(state, "done")
-        todo = [u for u in units if not os.path.exists(os.path.join(done_dir, u.name))]
+        mine = units[index::workers]
+        todo = [u for u in mine if not os.path.exists(os.path.join(done_dir, u.name))]
         total = sum(hf.tensors[n].nbytes for u in todo for i in u.items for n in reads[i.hf])
         with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0.05,
                   disable=not progress, desc="convert", dynamic_ncols=True) as bar, \
@@ -176,8 +189,46 @@ def convert_to_orbax(hf_dir, out_dir, *, dtype: str | None = None, progress: boo
         stored = config_to_json(target)
         if hf.config.get("auto_map"):
             stored["auto_map"] = hf.config["auto_map"]
-        _finalize(out, partial, params_dir, specs, stored, provenance, hf.directory)
+        lock.acquire()
+        remaining = [u.name for u in units if not os.path.exists(os.path.join(done_dir, u.name))]
+        if remaining:
+            log(f"worker {index}/{workers}: its {len(mine)} units are done; {len(remaining)} "
+                f"remain for the other workers, the last of which finalizes {out}")
+        elif os.path.isdir(partial):  # not finalized by another worker already
+            _finalize(out, partial, params_dir, specs, stored, provenance, hf.directory)
     return target
+
+
+class _OutputLock:
+    """An exclusive lock (`flock` on `OUT.lock`) that workers converting into the same `OUT`
+    take while they prepare or finalize it; released on exit."""
+
+    def __init__(self, out: str):
+        self.path = out + ".lock"
+        self._file = None
+
+    def __enter__(self) -> "_OutputLock":
+        return self
+
+    def acquire(self) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            self._file = open(self.path, "a")
+            fcntl.flock(self._file, fcntl.LOCK_EX)
+
+    def release(self) -> None:
+        if self._file is not None:
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __exit__(self, *exc) -> None:
+        finished = self._file is not None and os.path.isfile(
+            os.path.join(self.path[:-len(".lock")], CONFIG_FILE))
+        if finished:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+        self.release()
 
 
 class _Writer:
@@ -264,7 +315,7 @@ def _already_done(out: str, partial: str, provenance: dict) -> bool:
     return True
 
 
-def _prepare(partial: str, provenance: dict, log) -> str:
+def _prepare(partial: str, provenance: dict, log, discard_partial_writes: bool = True) -> str:
     """Creates `partial` or checks that it was started with the same source and options.
 
     Returns the state directory: `plan.json`, `created` (the arrays exist), `done/<unit>`."""
@@ -281,7 +332,8 @@ def _prepare(partial: str, provenance: dict, log) -> str:
             raise ConversionError(f"{partial} holds a conversion started from a different "
                                   "source or with other options; remove it to start over")
         done = len(os.listdir(os.path.join(state, "done")))
-        removed = store.remove_partial_writes(os.path.join(partial, PARAMS_DIR))
+        removed = (store.remove_partial_writes(os.path.join(partial, PARAMS_DIR))
+                   if discard_partial_writes else 0)
         log(f"resuming {partial}: {done} units done"
             + (f", {removed} interrupted chunk writes discarded" if removed else ""))
     else:
@@ -296,6 +348,7 @@ def _prepare(partial: str, provenance: dict, log) -> str:
 
 def _finalize(out, partial, params_dir, specs, stored_config: dict, provenance,
               source_dir: str) -> None:
+    store.remove_partial_writes(params_dir)  # what killed workers left; no worker writes now
     missing = store.missing_chunks(params_dir, specs)
     if missing:
         raise ConversionError(f"{partial}: incomplete arrays despite done markers: "

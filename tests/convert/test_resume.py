@@ -161,3 +161,34 @@ def test_checkpoint_without_config_is_not_loadable(k2_hub, tmp_path):
     os.remove(out / "config.json")
     with pytest.raises(CheckpointError, match="not a complete k2jax checkpoint"):
         load(out)
+
+
+def test_split_over_two_workers_is_byte_identical(many_layers_hub, clean, tmp_path):
+    """`--worker 0/2` and `--worker 1/2` side by side; the second also killed once and rerun."""
+    dst = str(tmp_path / "split")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+
+    def worker(i):
+        return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", many_layers_hub,
+                                 dst, "--no-progress", "--worker", f"{i}/2"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    first, second = worker(0), worker(1)
+    try:
+        _signal_after(second, dst, 2, signal.SIGKILL)
+        second.wait(timeout=60)
+        out, err = first.communicate(timeout=300)
+        assert first.returncode == 0, err
+        assert not os.path.exists(dst)  # worker 1's units are not all done
+        assert "worker 0/2 done" in out
+        again = worker(1)
+        out, err = again.communicate(timeout=300)
+        assert again.returncode == 0, err
+        assert "wrote k2jax checkpoint" in out
+    finally:
+        for proc in (first, second):
+            proc.kill()
+    assert _tree(dst) == _tree(clean)
+    assert sorted(os.listdir(tmp_path)) == ["split"]  # no partial directory or lock left
+    with pytest.raises(ConversionError, match="worker 2/2"):
+        convert_to_orbax(many_layers_hub, str(tmp_path / "x"), worker=(2, 2))
