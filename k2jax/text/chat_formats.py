@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 
 DEFAULT_SYSTEM_PROMPT = "You are Kimi, an AI assistant created by Moonshot AI."
 TEMPLATE_FILE_NAME = "chat_template.jinja"
@@ -68,7 +69,17 @@ def chat_format_of_template(template: str, where: str = "chat template") -> Chat
 
 def chat_format_of_directory(directory: str | os.PathLike) -> ChatFormat | None:
     """The format of the template a checkpoint directory ships (`chat_template.jinja`, else
-    `tokenizer_config.json`'s `chat_template`), or None when it ships none."""
+    `tokenizer_config.json`'s `chat_template`), or None when it ships none. A template that is
+    not a K2 one gives None too, with a warning naming the file (then K2 Thinking's format is
+    used unless one is chosen, e.g. `k2jax serve --chat-template`)."""
+    try:
+        return _chat_format_of_directory(directory)
+    except ValueError as e:
+        warnings.warn(f"{e}; rendering prompts in the k2-thinking format", stacklevel=2)
+        return None
+
+
+def _chat_format_of_directory(directory) -> ChatFormat | None:
     path = os.path.join(directory, TEMPLATE_FILE_NAME)
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:

@@ -219,9 +219,9 @@ class K2Tokenizer:
                 raise ValueError(f"token id {token_id} is outside the vocabulary (0..{self.vocab_size - 1})")
 
 
-def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str], dict[str, str]]:
-    """`({id: text} of added_tokens_decoder, {"bos_token": text, ...})` from a hub
-    `tokenizer_config.json`; raises ValueError naming the file and the field."""
+def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str] | None, dict[str, str]]:
+    """`({id: text} of added_tokens_decoder, or None without one; {"bos_token": text, ...})`
+    from a hub `tokenizer_config.json`; raises ValueError naming the file and the field."""
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
@@ -229,7 +229,10 @@ def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str], dict
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise ValueError(f"{path}: not a JSON object")
+    roles = _role_tokens(path, config)
     table = config.get("added_tokens_decoder")
+    if table is None:  # a file that names no tokens: K2's own layout
+        return None, roles
     if not isinstance(table, dict) or not table:
         raise ValueError(f"{path}: added_tokens_decoder: expected a non-empty object of "
                          "{\"ID\": {\"content\": TEXT, ...}}")
@@ -242,6 +245,11 @@ def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str], dict
             raise ValueError(f"{path}: added_tokens_decoder[{key!r}].content: expected a "
                              "non-empty string")
         names[int(key)] = content
+    return names, roles
+
+
+def _role_tokens(path, config: dict) -> dict[str, str]:
+    """`{"bos_token": text, ...}` of the role fields the config sets."""
     roles = {}
     for field in _ROLE_FIELDS:
         value = config.get(field)
@@ -252,7 +260,7 @@ def read_tokenizer_config(path: str | os.PathLike) -> tuple[dict[int, str], dict
         if not isinstance(value, str):
             raise ValueError(f"{path}: {field}: expected a string or {{\"content\": ...}}")
         roles[field] = value
-    return names, roles
+    return roles
 
 
 def _special_tokens_named(num_base_tokens: int, names: Mapping[int, str]) -> dict[str, int]:

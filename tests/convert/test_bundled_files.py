@@ -52,8 +52,9 @@ OTHER_FILES = {
     "tokenizer_config.json": json.dumps({
         "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
         "bos_token": "[BOS]", "eos_token": "[EOS]", "model_max_length": 4096}, indent=2),
-    "chat_template.jinja": "{% for m in messages %}<|im_{{ m.role }}|>{{ m.content }}"
-                           "<|im_end|>{% endfor %}\n",
+    "chat_template.jinja": "{% for m in messages %}<|im_{{ m.role }}|>{{ m.role }}<|im_middle|>"
+                           "{{ m.content }}<|im_end|>{% endfor %}"
+                           "<|im_assistant|>assistant<|im_middle|>\n",
     "generation_config.json": json.dumps({"bos_token_id": 0, "eos_token_id": 1,
                                           "temperature": 1.0, "top_p": 0.95}, indent=2),
 }
