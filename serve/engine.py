@@ -289,6 +289,15 @@ class Engine:
         # Each constrained completion's own `TokenConstraint`, made on its first sampled step.
         self._constraints: dict[Sequence, sampling.TokenConstraint] = {}
         self._failures: dict[int, Exception] = {}
+        # On several processes, process 0 (the one that schedules) sends each device call to
+        # the others (`serve.multihost`).
+        self._broadcast = None
+        if jax.process_count() > 1:
+            from serve.multihost import StepBroadcast
+
+            self._broadcast = StepBroadcast()
+        # Seconds between idle checks that every process is still there (`EngineLoop`).
+        self.heartbeat_seconds = 1.0 if self._broadcast is not None else None
         self.stats = dict.fromkeys(
             ("prefill_tokens", "prefix_cached_tokens", "decode_steps", "generated_tokens",
              "preemptions"), 0)
@@ -490,6 +499,43 @@ class Engine:
                 table[r, :len(seq.pages)] = self.allocator.local(seq.pages)
         for r, seq in samplers.items():
             slots[r] = seq.slot % per_shard
+        out = self._device_call("step", [tokens, positions, table, last, slots, floats, ints,
+                                         *steering])
+        return out, sorted(samplers.items())
+
+    # ---- device calls (broadcast to every process when serving on several) ------------------
+    def release_followers(self) -> None:
+        """On several processes, ends the others' `serve.multihost.follow` loops."""
+        if self._broadcast is not None:
+            from serve.multihost import STOP
+
+            self._broadcast.send(STOP)
+            self._broadcast = None
+
+    def heartbeat(self) -> None:
+        """An empty call through every process: raises if one of them is gone."""
+        if self._broadcast is not None:
+            self._device_call("noop", [])
+
+    def _device_call(self, op: str, arrays: list):
+        if self._broadcast is not None:
+            self._broadcast.send(op, arrays)
+        return self.execute(op, arrays)
+
+    def execute(self, op: str, arrays: list):
+        """Runs one device call from its host inputs: "step" (forward and sample; returns the
+        samples) or "penalty_row". Process 0 makes these through `_device_call`; the others
+        receive them (`serve.multihost.follow`)."""
+        if op == "noop":
+            return None
+        if op == "penalty_row":
+            slot, prompt_mask, counts = arrays
+            self.penalty = _set_penalty_row(self.penalty, slot, prompt_mask, counts)
+            return None
+        if op != "step":
+            raise ValueError(f"unknown engine call {op!r}")
+        tokens, positions, table, last, slots, floats, ints, *steering = arrays
+        steering = sampling.Steering(*steering)
         inputs = (tokens, positions, table, last)
         if self.mesh is not None:
             inputs = jax.device_put(inputs, paged_cache.rows_sharding(self.mesh))
@@ -498,7 +544,11 @@ class Engine:
                                           mesh=self.mesh, serving_layout=self.serving_layout)
             out, self.penalty = _sample(logits, self.penalty, slots, floats, ints, steering,
                                         mesh=self.mesh)
-        return jax.device_get(out), sorted(samplers.items())
+        if jax.process_count() > 1:  # each process holds its devices' rows: gather them all
+            from jax.experimental import multihost_utils
+
+            return jax.tree.map(np.asarray, multihost_utils.process_allgather(out, tiled=True))
+        return jax.device_get(out)
 
     def _sampling_row(self, seq: Sequence):
         """`(floats, ints, logit_bias, mask)` of the row that samples `seq`'s next token."""
@@ -527,8 +577,8 @@ class Engine:
         prompt_mask = np.zeros(vocab, bool)
         prompt_mask[seq.prompt] = True
         counts = np.bincount(np.asarray(seq.generated, np.int64), minlength=vocab)
-        self.penalty = _set_penalty_row(self.penalty, seq.slot, prompt_mask,
-                                        counts.astype(np.int32))
+        self._device_call("penalty_row", [np.asarray(seq.slot, np.int32), prompt_mask,
+                                          counts.astype(np.int32)])
 
     def _delta(self, seq: Sequence) -> StreamDelta:
         new = seq.generated[seq.sent_tokens:]

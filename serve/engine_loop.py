@@ -125,13 +125,24 @@ class EngineLoop:
             self._wake.notify()
 
     def _run(self) -> None:
+        # An engine spread over several processes is checked while idle too (`heartbeat`), so
+        # that a lost host turns /health to 503 without waiting for a request.
+        interval = getattr(self.engine, "heartbeat_seconds", None)
         while True:
             with self._wake:
                 while not (self._commands or self._stopping or self.engine.has_unfinished()):
-                    self._wake.wait()
+                    if not self._wake.wait(interval) and interval is not None:
+                        break
                 if self._stopping:
                     break
                 commands, self._commands = self._commands, []
+            if not commands and not self.engine.has_unfinished():
+                try:
+                    self.engine.heartbeat()
+                except Exception as e:  # noqa: BLE001 - a lost host: stop serving
+                    self.failure = e
+                    break
+                continue
             for kind, stream in commands:
                 self._apply(kind, stream)
             if self.engine.has_unfinished():

@@ -156,22 +156,34 @@ def preset_for_tokenizer(config, tokenizer):
 def run(args: argparse.Namespace) -> int:
     import socket
 
-    from serve import chat
+    import jax
+
+    from k2jax import sharding
+    from serve import chat, multihost
     from serve.engine import Engine
     from serve.server import ServerLimits
 
-    try:  # before loading a model for minutes: a busy port is found at once
-        listener = socket.create_server((args.host, args.port))
-    except OSError as e:
-        raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
-    mesh = None
-    if args.mesh:
-        from k2jax import sharding
-
-        mesh = sharding.make_mesh(args.mesh)
+    # Several processes (a pod, or `JAX_COORDINATOR_ADDRESS` and friends): process 0 serves
+    # and schedules, the others follow its steps (`serve.multihost`).
+    several = sharding.initialize_distributed()
+    leader = not several or multihost.is_leader()
+    listener = None
+    if leader:
+        try:  # before loading a model for minutes: a busy port is found at once
+            listener = socket.create_server((args.host, args.port))
+        except OSError as e:
+            raise ValueError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from None
+    mesh = sharding.make_mesh(args.mesh) if args.mesh else None
+    if several and mesh is None:
+        raise ValueError("serving on several processes needs --mesh over their devices")
     config, params, tokenizer, model_name = load_model_and_tokenizer(args, mesh)
     engine = Engine(config, params, max_batch=args.max_batch, max_seq_len=args.max_seq_len,
                     detokenize=chat.detokenizer(tokenizer), mesh=mesh)
+    if not leader:
+        print(f"process {jax.process_index()}: following process 0's steps", file=sys.stderr,
+              flush=True)
+        multihost.follow(engine)
+        return 0
     context = engine.max_seq_len
     limits = ServerLimits(max_seq_len=context,
                           max_prompt_tokens=args.max_prompt_tokens or context - 1,
@@ -182,8 +194,16 @@ def run(args: argparse.Namespace) -> int:
           f"{', API key required' if args.api_key else ''})",
           file=sys.stderr, flush=True)
     fields = REASONING_FIELDS if args.reasoning_field == "both" else (args.reasoning_field,)
-    return serve_engine(engine, tokenizer, listener, model_name=model_name, limits=limits,
-                        api_key=args.api_key, log_level=args.log_level, reasoning_fields=fields)
+    status = serve_engine(engine, tokenizer, listener, model_name=model_name, limits=limits,
+                          api_key=args.api_key, log_level=args.log_level,
+                          reasoning_fields=fields)
+    if several and status:
+        # A lost host: jax.distributed's exit would wait minutes for it at a barrier, and a
+        # supervisor should restart the job now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 def serve_engine(engine, tokenizer, listener, *, model_name: str, limits, api_key=None,
@@ -210,4 +230,6 @@ def serve_engine(engine, tokenizer, listener, *, model_name: str, limits, api_ke
     finally:
         loop.stop()
         listener.close()
+        if loop.failure is None:
+            engine.release_followers()
     return 1 if loop.failure is not None else 0
