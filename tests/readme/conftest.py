@@ -25,6 +25,14 @@ NOT_RUN = {
     "python -m pytest -q -n 2 --dist loadfile": "this is the suite itself",
     "k2jax train --checkpoint /data/k2-thinking --data chats.jsonl --mesh fsdp=4,expert=32,"
     "tensor=4 --out runs/k2": "needs 512 devices",
+    "k2jax train --checkpoint /data/k2-thinking --data chats.jsonl --mesh fsdp=4,expert=32,"
+    "tensor=4 --out gs-fuse/runs/k2": "needs a TPU pod slice of 512 chips",
+    "JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=$RANK k2jax serve "
+    "--checkpoint /data/k2-thinking --mesh expert=32 --port 8000": "needs four GPU hosts",
+    "for i in 0 1; do JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2 "
+    "JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 JAX_NUM_PROCESSES=2 JAX_PROCESS_ID=$i k2jax train "
+    "--preset tiny --data corpus.jsonl --mesh fsdp=4 --out runs/two & done; wait":
+        "tests/multihost/test_train.py runs this two-process job (with a free port)",
 }
 TIMEOUT_S = 240
 
