@@ -9,6 +9,8 @@ import signal
 import numpy as np
 import pytest
 
+import k2jax
+
 from tests.multihost.harness import Job, python
 
 STEPS = 6
@@ -53,8 +55,10 @@ def _losses(run_dir) -> dict[int, float]:
 def reference_runs(setup):
     """The one-process and the two-process uninterrupted runs, side by side."""
     root, env, train_args = setup
-    with Job(train_args(root / "one"), 1, 4, root / "logs", env=env, name="one") as one, \
-            Job(train_args(root / "two"), 2, 2, root / "logs", env=env, name="two") as two:
+    with Job(train_args(root / "one", "--export", root / "one-int4"), 1, 4, root / "logs",
+             env=env, name="one") as one, \
+            Job(train_args(root / "two", "--export", root / "two-int4"), 2, 2, root / "logs",
+                env=env, name="two") as two:
         two.wait(TIMEOUT)
         one.wait(TIMEOUT)
     return _losses(root / "one"), _losses(root / "two")
@@ -71,6 +75,15 @@ def test_two_processes_train_as_one(reference_runs, setup):
     with open(root / "two" / "checkpoints" / str(STEPS) / "data" / "metadata") as f:
         streams = json.load(f)["streams"]
     assert len(streams) == 4 and all(min(p) >= 0 for p in streams)
+    # The export, written once by the job: the same INT4 experts but where an update that
+    # differs in its last bits rounds a value the other way.
+    experts = []
+    for name in ("one-int4", "two-int4"):
+        _, params = k2jax.load(root / name)
+        experts.append(params["moe_layers"]["mlp"]["experts"]["up_proj"]["kernel"])
+    assert all(isinstance(e, k2jax.QuantizedWeight) for e in experts)
+    same = np.mean(np.asarray(experts[0].values) == np.asarray(experts[1].values))
+    assert same > 0.99, same
 
 
 def test_a_killed_host_resumes_to_the_uninterrupted_losses(reference_runs, setup):
