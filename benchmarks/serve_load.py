@@ -48,7 +48,7 @@ def _free_port() -> int:
 
 def start_server(args) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    command = [sys.executable, "-m", "k2jax.cli", "serve", "--preset", args.preset,
+    command = [sys.executable, "-m", "cli", "serve", "--preset", args.preset,
                "--port", str(port), "--max-batch", str(args.max_batch), "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(command, cwd=ROOT, env=env)

@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from k2jax import sharding
-    from k2jax.cli import UserError
+    from cli import UserError
 
     # Both are checked here, before a child process spends seconds starting JAX.
     config = load_config(args.config)
@@ -124,7 +124,7 @@ def _rerun_with_cpu_devices(args, devices: int) -> int:
 
 def load_config(name: str):
     """A preset by name, or a config.json / model directory; `UserError` naming `--config`."""
-    from k2jax.cli import UserError
+    from cli import UserError
     from k2jax.config import ConfigError, ModelConfig
     from k2jax.presets import PRESETS
 
@@ -147,7 +147,7 @@ def load_config(name: str):
 
 def main(argv=None) -> int:
     """`python -m plan.cli ...` (the re-run child too): `k2jax plan ...`, errors and all."""
-    from k2jax.cli import main as cli_main
+    from cli import main as cli_main
 
     return cli_main(["plan", *(sys.argv[1:] if argv is None else argv)])
 

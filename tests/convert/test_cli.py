@@ -5,7 +5,7 @@ import shlex
 import pytest
 
 from convert import cli
-from k2jax.cli import main
+from cli import main
 
 
 def test_help_example_runs(tmp_path, capsys):

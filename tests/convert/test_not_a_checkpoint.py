@@ -7,7 +7,7 @@ import pytest
 
 import k2jax
 from k2jax.checkpoint import CheckpointError
-from k2jax.cli import main
+from cli import main
 
 
 def _message(path):

@@ -52,7 +52,7 @@ def clean(many_layers_hub, tmp_path_factory):
 def _start(src, dst):
     """`k2jax convert src dst` in a subprocess."""
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
-    return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", src, dst,
+    return subprocess.Popen([sys.executable, "-m", "cli", "convert", src, dst,
                              "--no-progress"], env=env, stderr=subprocess.PIPE)
 
 
@@ -169,7 +169,7 @@ def test_split_over_two_workers_is_byte_identical(many_layers_hub, clean, tmp_pa
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
 
     def worker(i):
-        return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "convert", many_layers_hub,
+        return subprocess.Popen([sys.executable, "-m", "cli", "convert", many_layers_hub,
                                  dst, "--no-progress", "--worker", f"{i}/2"], env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -11,7 +11,8 @@ from jax.sharding import AbstractMesh
 
 import k2jax
 import plan
-from k2jax import cli, expert_parallel, sharding
+import cli
+from k2jax import expert_parallel, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = k2jax.ModelConfig.preset("tiny")
@@ -30,7 +31,7 @@ def one_line_error(capsys, *words):
 
 
 def test_plan_missing_config_subprocess_is_one_line():
-    out = subprocess.run([sys.executable, "-m", "k2jax.cli", "plan", "--config", "nope"],
+    out = subprocess.run([sys.executable, "-m", "cli", "plan", "--config", "nope"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr

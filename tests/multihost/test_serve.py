@@ -18,7 +18,7 @@ REQUEST = dict(model=MODEL, prompt="Hello there", max_tokens=12, temperature=0, 
 
 
 def _serve(port):
-    return python("-m", "k2jax.cli", "serve", "--preset", "tiny", "--mesh", "expert=4",
+    return python("-m", "cli", "serve", "--preset", "tiny", "--mesh", "expert=4",
                   "--max-batch", 4, "--max-seq-len", 128, "--port", port, "--log-level",
                   "warning")
 

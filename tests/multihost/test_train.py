@@ -37,7 +37,7 @@ def setup(tmp_path_factory):
            "XLA_FLAGS": "--xla_backend_optimization_level=0"}
 
     def train_args(out, *extra):
-        return python("-m", "k2jax.cli", "train", "--preset", "tiny", "--data",
+        return python("-m", "cli", "train", "--preset", "tiny", "--data",
                       root / "corpus.jsonl", "--steps", STEPS, "--seq-len", 32,
                       "--batch-size", 4, "--mesh", "fsdp=4", "--learning-rate", "3e-3",
                       "--warmup-steps", 2, "--checkpoint-every", 2, "--qat", "routed_experts",
@@ -93,7 +93,7 @@ def test_a_killed_host_resumes_to_the_uninterrupted_losses(reference_runs, setup
         job.wait_for(lambda: (out / "checkpoints" / "2").is_dir(), TIMEOUT)
         job.kill(1, signal.SIGKILL)
         # Its peer blocks in the next collective: the job is over, as on a pod.
-    resume = python("-m", "k2jax.cli", "train", "--resume", "--out", out, "--quiet")
+    resume = python("-m", "cli", "train", "--resume", "--out", out, "--quiet")
     with Job(resume, 2, 2, root / "logs", env=env, name="resumed") as job:
         job.wait(TIMEOUT)
     resumed = _losses(out)

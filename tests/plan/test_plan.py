@@ -11,7 +11,7 @@ import pytest
 
 import k2jax
 import plan
-from k2jax.cli import main as cli_main
+from cli import main as cli_main
 from serve import paged_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -69,7 +69,7 @@ def test_full_k2_thinking_serve_plan_matches_analytic_count():
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     out = subprocess.run(
-        [sys.executable, "-m", "k2jax.cli", "plan", "--config", "kimi-k2-thinking", "--mesh",
+        [sys.executable, "-m", "cli", "plan", "--config", "kimi-k2-thinking", "--mesh",
          "expert=8", "--batch", "16", "--seq", "2048", "--hbm", "141", "--json"],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 import k2jax
-from k2jax.cli import main
+from cli import main
 from k2jax.text import load_tokenizer
 from k2jax.text.testing import tiny_tokenizer, write_tiny_tiktoken_file
 from serve import generation

@@ -16,7 +16,7 @@ import pytest
 
 import k2jax
 from serve.generation import generate
-from k2jax.cli import main as k2jax_main
+from cli import main as k2jax_main
 from serve import chat
 from serve.engine import Engine
 from serve.engine_loop import EngineLoop

@@ -54,7 +54,7 @@ def k2jax_train(tmp_path_factory):
                         "--xla_force_host_platform_device_count=2"}
 
     def launch(*args):
-        return subprocess.Popen([sys.executable, "-m", "k2jax.cli", "train", *map(str, args)],
+        return subprocess.Popen([sys.executable, "-m", "cli", "train", *map(str, args)],
                                 cwd=REPO, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from k2jax import cli
+import cli
 from train import cli as train_cli
 from train import optimizer, qat, trainer
 from train.config import PARAM_GROUPS, TrainConfig, TrainConfigError

@@ -18,7 +18,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "demo": ("k2jax.demo", "build a small model, run a batched forward and a greedy decode"),
+    "demo": ("cli.demo", "build a small model, run a batched forward and a greedy decode"),
     "convert": ("convert.cli", "convert a HF checkpoint to Orbax (or back with --to hf)"),
     "train": ("train.cli", "QAT fine-tuning"),
     "generate": ("serve.generate_cli", "batched generation from the command line"),
@@ -32,7 +32,7 @@ class UserError(Exception):
 
 
 # Top-level packages whose own `ValueError`s are messages for the user.
-_OWN_PACKAGES = frozenset({"k2jax", "serve", "train", "convert", "__main__"})
+_OWN_PACKAGES = frozenset({"k2jax", "serve", "train", "convert", "plan", "cli", "__main__"})
 
 
 def _user_error_message(e: BaseException) -> str | None:
@@ -92,9 +92,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"k2jax {name}: error: {message}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    # `python -m k2jax.cli`: run the importable module, whose `UserError` the commands raise.
-    from k2jax.cli import main as _main
-
-    sys.exit(_main())

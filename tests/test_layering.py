@@ -1,0 +1,47 @@
+"""The library imports nothing above it: no module of `k2jax` or `pallas_kernels` imports
+`train`, `serve`, `convert`, `plan` or `cli`, at the top of a file or inside a function, nor
+names one of their modules in a string (as `importlib.import_module` would take it)."""
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LIBRARY = ("k2jax", "pallas_kernels")
+ABOVE = ("train", "serve", "convert", "plan", "cli")
+_MODULE_STRING = re.compile(rf"^({'|'.join(ABOVE)})(\.\w+)+$")
+
+
+def _violations(path: Path, root: Path = REPO) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names = [node.value] if _MODULE_STRING.match(node.value) else []
+        found += [f"{path.relative_to(root)}:{node.lineno}: {name}" for name in names
+                  if name.split(".")[0] in ABOVE]
+    return found
+
+
+@pytest.mark.parametrize("package", LIBRARY)
+def test_the_library_imports_nothing_above_it(package):
+    files = sorted((REPO / package).rglob("*.py"))
+    assert files
+    violations = [v for path in files for v in _violations(path)]
+    assert not violations, "\n".join(violations)
+
+
+def test_the_check_sees_each_kind_of_import(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import serve.engine\nfrom train import step\n"
+                      "def f():\n    from convert.reader import HFCheckpoint\n"
+                      "NAME = 'plan.report'\nTEXT = 'serve the model'\n")
+    assert [v.split(": ")[1] for v in _violations(sample, tmp_path)] == [
+        "serve.engine", "train", "convert.reader", "plan.report"]
