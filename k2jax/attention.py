@@ -95,7 +95,6 @@ class MLAttention(nn.Module):
     """MLA block: `x [B, T, D] -> [B, T, D]` (plus the updated layer cache when given one)."""
 
     config: ModelConfig
-    qat: bool = False
     serving_layout: bool = False  # kv_b_proj's float kernel stored [out, in] (k2jax.model)
 
     def setup(self):
@@ -105,7 +104,7 @@ class MLAttention(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         linear = lambda in_features, features, axes, **kw: Linear(  # noqa: E731
             in_features, features, axes, dtype=dtype, param_dtype=dtype,
-            quantized=cfg.is_quantized("attention"), qat=self.qat,
+            quantized=cfg.is_quantized("attention"),
             group_size=cfg.quant_group_size, init_std=cfg.initializer_range, **kw)
         norm = lambda: RMSNorm(cfg.rms_norm_eps, dtype=dtype, param_dtype=dtype)  # noqa: E731
         if cfg.q_lora_rank:
@@ -140,7 +139,7 @@ class MLAttention(nn.Module):
     def _kv_b_heads(self):
         """`kv_b_proj` as per-head key and value maps `[N, H, C]`, `[N, U, C]`."""
         cfg = self.config
-        kernel = self.kv_b_proj.weight()
+        kernel = self.kv_b_proj.kernel
         if isinstance(kernel, quant.QuantizedWeight):
             kernel = quant.dequantize(kernel, jnp.dtype(cfg.dtype))
         n, c = cfg.num_attention_heads, cfg.kv_lora_rank

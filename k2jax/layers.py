@@ -1,8 +1,8 @@
 """Building blocks where parameters meet activations: Linear, Embed, RMSNorm.
 
 `Linear` is the one place a weight multiplies an activation. It carries the weight's logical axis
-names and the quantization hook: its kernel is a `[in, out]` array or an INT4 `QuantizedWeight`,
-and `qat` (set by training) fake-quantizes a float kernel in the forward.
+names and its storage: a `[in, out]` array or an INT4 `QuantizedWeight`. (Training's fake
+quantization acts on the parameter tree, `train.qat`, not here.)
 """
 
 from __future__ import annotations
@@ -42,13 +42,6 @@ def quantized_init(std: float, group_size: int):
     return init
 
 
-def fake_quant_or_identity(kernel, qat_group_size: int | None):
-    """Fake INT4 quantization of a float kernel with a straight-through gradient (QAT)."""
-    if qat_group_size is None or isinstance(kernel, quant.QuantizedWeight):
-        return kernel
-    return quant.fake_quantize(kernel, qat_group_size)
-
-
 class Linear(nn.Module):
     """`y[..., out] = x[..., in] @ kernel[in, out]`, the kernel dense or INT4.
 
@@ -56,7 +49,6 @@ class Linear(nn.Module):
       in_features, features: kernel shape `[in_features, features]`.
       axes: logical names of the kernel's (in, out) axes.
       quantized: store the kernel as an INT4 `QuantizedWeight` (group `group_size`).
-      qat: fake-quantize a float kernel in the forward (straight-through gradient).
       kernel_out_in: store the kernel transposed, `[out, in]`, when it is a float one (the
         serving layout: XLA:CPU multiplies a few rows by a wide matrix 2-3x faster this way
         round); INT4 kernels keep the format's `[in, out]`.
@@ -68,7 +60,6 @@ class Linear(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.bfloat16
     quantized: bool = False
-    qat: bool = False
     group_size: int = 32
     init_std: float = 0.02
     kernel_out_in: bool = False
@@ -79,18 +70,12 @@ class Linear(nn.Module):
         return self.kernel_out_in and not self.quantized
 
     def setup(self):
-        if self.stores_out_in and self.qat:
-            raise ValueError("kernel_out_in is a serving layout: not for QAT")
         init = (quantized_init(self.init_std, self.group_size) if self.quantized
                 else normal_init(self.init_std))
         shape, axes = (self.in_features, self.features), self.axes
         if self.stores_out_in:
             shape, axes = shape[::-1], axes[::-1]
         self.kernel = param_with_axes(self, "kernel", init, shape, self.param_dtype, axes)
-
-    def weight(self):
-        """The kernel as the forward sees it (fake-quantized under QAT)."""
-        return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)
 
     def __call__(self, x):
         if self.stores_out_in:
@@ -100,7 +85,7 @@ class Linear(nn.Module):
             # Kept apart from the transpose: XLA:CPU fused with it picks a slower matmul.
             y_on = jax.lax.optimization_barrier(y_on)
             return y_on.T.reshape(*lead, self.features)
-        return quant.matmul(x.astype(self.dtype), self.weight(), self.dtype)
+        return quant.matmul(x.astype(self.dtype), self.kernel, self.dtype)
 
 
 class Embed(nn.Module):
@@ -150,7 +135,6 @@ class ExpertLinear(nn.Module):
     dtype: jnp.dtype = jnp.bfloat16
     param_dtype: jnp.dtype = jnp.bfloat16
     quantized: bool = False
-    qat: bool = False
     group_size: int = 32
     init_std: float = 0.02
 
@@ -160,7 +144,3 @@ class ExpertLinear(nn.Module):
         self.kernel = param_with_axes(
             self, "kernel", init, (self.num_experts, self.in_features, self.features),
             self.param_dtype, self.axes)
-
-    def weight(self):
-        """The kernel as the forward sees it (fake-quantized under QAT)."""
-        return fake_quant_or_identity(self.kernel, self.group_size if self.qat else None)

@@ -43,7 +43,6 @@ class DecoderLayer(nn.Module):
 
     config: ModelConfig
     moe: bool
-    qat: bool = False
     serving_layout: bool = False
 
     @nn.compact
@@ -52,14 +51,14 @@ class DecoderLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ACTIVATION_AXES)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, dtype, name=name)  # noqa: E731
-        attn_out, layer_cache = MLAttention(cfg, self.qat, self.serving_layout, name="self_attn")(
+        attn_out, layer_cache = MLAttention(cfg, self.serving_layout, name="self_attn")(
             norm("input_layernorm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
         x_btd = x_btd + attn_out
         h = norm("post_attention_layernorm")(x_btd)
         if self.moe:
-            ffn_out, expert_load_e = MoE(cfg, self.qat, name="mlp")(h)
+            ffn_out, expert_load_e = MoE(cfg, name="mlp")(h)
         else:
-            ffn_out = MLP(cfg, cfg.intermediate_size, "dense_mlp", self.qat, name="mlp")(h)
+            ffn_out = MLP(cfg, cfg.intermediate_size, "dense_mlp", name="mlp")(h)
             expert_load_e = jnp.zeros((0,), jnp.int32)
         return x_btd + ffn_out, (layer_cache, expert_load_e)
 
@@ -71,8 +70,8 @@ def _layer_class(remat_policy: str | None):
                     policy=getattr(jax.checkpoint_policies, remat_policy))
 
 
-def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
-                remat_policy: str | None, name: str):
+def layer_stack(config: ModelConfig, num_layers: int, moe: bool, remat_policy: str | None,
+                name: str):
     """`num_layers` identical decoder layers, parameters stacked on axis 0, run by `scan`.
 
     Called as `(x_btd, stack_cache, positions_bt, segment_ids_bt) -> (x_btd, (cache, load))`.
@@ -95,7 +94,7 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, qat: bool,
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    module = layer(config, moe, qat, name=name)
+    module = layer(config, moe, name=name)
 
     def run(x_btd, stack_cache, positions_bt, segment_ids_bt):
         (x_btd, stack_cache), load_le = scanned(module, (x_btd, stack_cache),
@@ -113,7 +112,6 @@ class LayerList(nn.Module):
     config: ModelConfig
     num_layers: int
     moe: bool
-    qat: bool = False
     remat_policy: str | None = None
 
     @nn.compact
@@ -122,7 +120,7 @@ class LayerList(nn.Module):
         loads = []
         for index in range(self.num_layers):
             view = None if stack_cache is None else LayerCache(stack_cache, index)
-            x_btd, (view, load_e) = layer(self.config, self.moe, self.qat, serving_layout=True,
+            x_btd, (view, load_e) = layer(self.config, self.moe, serving_layout=True,
                                           name=str(index))(
                 x_btd, view, positions_bt, segment_ids_bt)
             stack_cache = None if view is None else view.stack
@@ -138,7 +136,6 @@ class Transformer(nn.Module):
     """
 
     config: ModelConfig
-    qat: bool = False
     remat_policy: str | None = None
     serving_layout: bool = False
 
@@ -158,9 +155,9 @@ class Transformer(nn.Module):
             if count == 0:
                 continue
             if self.serving_layout:
-                layers = LayerList(cfg, count, is_moe, self.qat, self.remat_policy, name=stack)
+                layers = LayerList(cfg, count, is_moe, self.remat_policy, name=stack)
             else:
-                layers = layer_stack(cfg, count, is_moe, self.qat, self.remat_policy, name=stack)
+                layers = layer_stack(cfg, count, is_moe, self.remat_policy, name=stack)
             x_btd, (stack_cache, load_le) = layers(x_btd, cache.get(stack), positions_bt,
                                                    segment_ids_bt)
             new_cache[stack] = stack_cache
@@ -171,7 +168,7 @@ class Transformer(nn.Module):
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
         x_btd = RMSNorm(cfg.rms_norm_eps, dtype, dtype, name="norm")(x_btd)
         head = Linear(cfg.hidden_size, cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
-                      param_dtype=dtype, quantized=cfg.is_quantized("lm_head"), qat=self.qat,
+                      param_dtype=dtype, quantized=cfg.is_quantized("lm_head"),
                       group_size=cfg.quant_group_size, init_std=cfg.initializer_range,
                       kernel_out_in=self.serving_layout,
                       name="lm_head")

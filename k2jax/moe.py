@@ -28,14 +28,13 @@ class MLP(nn.Module):
     config: ModelConfig
     intermediate_size: int
     group: str  # the LINEAR_GROUPS entry deciding INT4 storage: "dense_mlp" or "shared_experts"
-    qat: bool = False
 
     def setup(self):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         d, f = cfg.hidden_size, self.intermediate_size
         kw = dict(dtype=dtype, param_dtype=dtype, quantized=cfg.is_quantized(self.group),
-                  qat=self.qat, group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
+                  group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
         self.gate_proj = Linear(d, f, ("embed", "mlp"), **kw)
         self.up_proj = Linear(d, f, ("embed", "mlp"), **kw)
         self.down_proj = Linear(f, d, ("mlp", "embed"), **kw)
@@ -118,21 +117,20 @@ class RoutedExperts(nn.Module):
     """The routed experts' stacked SwiGLU weights `[E, D, M]`, `[E, D, M]`, `[E, M, D]`."""
 
     config: ModelConfig
-    qat: bool = False
 
     def setup(self):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         e, d, m = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         kw = dict(dtype=dtype, param_dtype=dtype, quantized=cfg.is_quantized("routed_experts"),
-                  qat=self.qat, group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
+                  group_size=cfg.quant_group_size, init_std=cfg.initializer_range)
         self.gate_proj = ExpertLinear(e, d, m, expert_parallel.GATE_UP_AXES, **kw)
         self.up_proj = ExpertLinear(e, d, m, expert_parallel.GATE_UP_AXES, **kw)
         self.down_proj = ExpertLinear(e, m, d, expert_parallel.DOWN_AXES, **kw)
 
     def kernels(self):
-        """`(gate, up, down)` as the forward uses them (fake-quantized under QAT)."""
-        return tuple(p.weight() for p in (self.gate_proj, self.up_proj, self.down_proj))
+        """`(gate, up, down)` kernels."""
+        return tuple(p.kernel for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def __call__(self, x_sorted_md, group_sizes_e):
         return expert_swiglu(x_sorted_md, group_sizes_e, *self.kernels(),
@@ -143,14 +141,13 @@ class MoE(nn.Module):
     """Routed experts plus shared experts: `[B, T, D] -> ([B, T, D], expert_load [E])`."""
 
     config: ModelConfig
-    qat: bool = False
 
     @nn.compact
     def __call__(self, x_btd):
         cfg = self.config
         x_td = nn.with_logical_constraint(x_btd.reshape(-1, x_btd.shape[-1]), ("batch", "embed"))
         weights_tk, indices_tk = Router(cfg, name="gate")(x_td)
-        experts = RoutedExperts(cfg, self.qat, name="experts")
+        experts = RoutedExperts(cfg, name="experts")
         mesh = sharding.active_mesh()
         if expert_parallel.expert_axes(mesh, cfg.n_routed_experts):
             ep = expert_parallel.current_settings()
@@ -164,6 +161,6 @@ class MoE(nn.Module):
             y_sorted = experts(x_sorted, group_sizes_e)
             y_td = unpermute(y_sorted, order, weights_tk)
         if cfg.n_shared_experts:
-            y_td = y_td + MLP(cfg, cfg.shared_intermediate_size, "shared_experts", self.qat,
+            y_td = y_td + MLP(cfg, cfg.shared_intermediate_size, "shared_experts",
                               name="shared_experts")(x_td)
         return y_td.reshape(x_btd.shape), group_sizes_e
