@@ -7,8 +7,8 @@ Used by the MoE layer when the current mesh splits the routed experts (`E` over 
   permute    sort this device's T*K token copies by expert; experts are owned in contiguous
              blocks of E_loc = E / P, so the copies for each device are contiguous too
   dispatch   all-to-all over the expert-parallel group of P devices
-  experts    local SwiGLU on the E_loc local experts with grouped matmuls (`moe.expert_swiglu`)
-  combine    the reverse all-to-all, then un-sort and weight-sum the k copies (`moe.unpermute`);
+  experts    local SwiGLU on the E_loc local experts with grouped matmuls (`expert_dispatch.expert_swiglu`)
+  combine    the reverse all-to-all, then un-sort and weight-sum the k copies (`expert_dispatch.unpermute`);
              a psum over "tensor" when the expert width M is split over it
 
 Two dispatch implementations, equal in result, both dropless by default:
@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from k2jax import quant, sharding
+from k2jax.expert_dispatch import expert_swiglu, unpermute
 
 GATE_UP_AXES = ("expert", "embed", "expert_mlp")
 DOWN_AXES = ("expert", "expert_mlp", "embed")
@@ -95,7 +96,6 @@ def _route_rows(indices_tk, experts_per_device: int, num_devices: int):
 
 def _local_experts(x_rd, local_expert_r, experts_per_device, kernels, dtype):
     """Received rows `[R, D]` through their local experts; ids == E_loc mark empty rows."""
-    from k2jax.moe import expert_swiglu  # moe imports this module
 
     order = jnp.argsort(local_expert_r, stable=True)
     group_sizes = jnp.bincount(local_expert_r, length=experts_per_device).astype(jnp.int32)
@@ -228,7 +228,6 @@ def moe_expert_parallel(x_td, weights_tk, indices_tk, kernels, *, mesh, dtype,
     width_axes = _names(gate_spec[2])  # the expert width M, split over tensor: partial sums
 
     def per_device(x_td, weights_tk, indices_tk, local_kernels):
-        from k2jax.moe import unpermute  # moe imports this module
 
         order, dest, slot, local_expert, send_counts, send_starts = _route_rows(
             indices_tk, experts_per_device, num_devices)

@@ -125,7 +125,7 @@ class ExpertLinear(nn.Module):
     """The stacked kernels `[E, in, out]` of one routed-expert linear (dense or INT4).
 
     The MoE multiplies them with grouped matmuls over expert-sorted rows
-    (`k2jax.moe.expert_swiglu`), locally or inside the expert-parallel `shard_map`.
+    (`k2jax.expert_dispatch.expert_swiglu`), locally or inside the expert-parallel `shard_map`.
     """
 
     num_experts: int

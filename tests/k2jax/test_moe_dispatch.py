@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import k2jax
-from k2jax.moe import MoE, permute, unpermute
+from k2jax.expert_dispatch import permute, unpermute
+from k2jax.moe import MoE
 
 CONFIG = k2jax.ModelConfig.preset("tiny").replace(dtype="float32")
 
