@@ -95,7 +95,7 @@ def child(step: str, path: str, mesh_spec: str) -> None:
     import jax
 
     import k2jax
-    from k2jax import checkpoint, sharding
+    from k2jax import checkpoint, param_sharding, sharding
 
     mesh = sharding.make_mesh(mesh_spec)
     rss_before, read_before = _proc_value("status", "VmRSS"), _proc_value("io", "rchar")
@@ -123,7 +123,7 @@ def child(step: str, path: str, mesh_spec: str) -> None:
             whole = ckptr.restore(os.path.join(path, checkpoint.PARAMS_DIR),
                                   args=ocp.args.PyTreeRestore(item=abstract,
                                                               restore_args=as_numpy))
-        params = jax.device_put(whole, sharding.param_shardings(config, mesh))
+        params = jax.device_put(whole, param_sharding.param_shardings(config, mesh))
         jax.block_until_ready(params)
         del whole
     if params is not None:

@@ -123,7 +123,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shar
 
     Args:
       path: a directory written by `save` or `k2jax convert`.
-      mesh: place every leaf with `k2jax.sharding`'s parameter shardings on this mesh.
+      mesh: place every leaf with `k2jax.param_sharding`'s shardings on this mesh.
       shardings: a pytree of `jax.sharding.Sharding` matching the params (overrides `mesh`).
     With neither, every leaf lands on the default device. Each host reads only the chunks
     that its addressable shards cover.
@@ -135,9 +135,9 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, *, shar
     check_stored_tree(params_dir, abstract)
     if shardings is None:
         if mesh is not None:
-            from k2jax import sharding
+            from k2jax import param_sharding
 
-            shardings = sharding.param_shardings(config, mesh)
+            shardings = param_sharding.param_shardings(config, mesh)
         else:
             device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
             shardings = jax.tree.map(lambda _: device, abstract)

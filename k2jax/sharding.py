@@ -22,12 +22,8 @@ API:
   make_mesh(shape, devices=None)        a `Mesh` over all devices (topology-aware order)
   logical_spec(axes, mesh, *shapes)     logical names -> `PartitionSpec`, keeping only mesh axes
                                         that divide the dimension in every one of `shapes`
-  param_specs(config, mesh), param_shardings(config, mesh, params=None)
-                                        per-leaf specs / `NamedSharding`s of the parameter tree
-                                        (`QuantizedWeight` values and scale split alike), after
-                                        `check_mesh`; `serving_layout=True` for the tree of
-                                        `k2jax.to_serving_layout`
-  shard_params(params, config, mesh)    `jax.device_put` onto those shardings
+  (the parameter tree's specs and shardings, which need the model, are
+   `k2jax.param_sharding`'s: this module sits below the model)
   optimizer_shardings(opt_state, param_shardings, mesh)
                                         optax state: params-shaped subtrees sharded like params,
                                         everything else (step counts) replicated
@@ -269,44 +265,6 @@ def logical_spec(axes, mesh, *shapes) -> PartitionSpec:
                 size *= n
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*out)
-
-
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(isinstance(a, (str, type(None))) for a in x)
-
-
-def param_specs(config, mesh, params=None, serving_layout: bool = False):
-    """`PartitionSpec` of every parameter leaf (`params` defaults to `k2jax.param_shapes`);
-    `serving_layout`: of the tree `k2jax.to_serving_layout` makes."""
-    from k2jax import api  # the model imports this module; import the API on use
-
-    check_mesh(config, mesh)
-    axes = api.param_axes(config, serving_layout)
-    params = api.param_shapes(config, serving_layout) if params is None else params
-
-    def leaf_spec(names, leaf):
-        if isinstance(leaf, quant.QuantizedWeight):
-            spec = logical_spec(names.values, mesh, leaf.values.shape, leaf.scale.shape)
-            return quant.QuantizedWeight(spec, spec)
-        return logical_spec(names, mesh, leaf.shape)
-
-    return jax.tree.map(leaf_spec, axes, params,
-                        is_leaf=lambda x: _is_axes(x) or isinstance(x, quant.QuantizedWeight))
-
-
-def param_shardings(config, mesh, params=None, serving_layout: bool = False):
-    """`NamedSharding` of every parameter leaf, for `jax.jit(in_shardings=...)` and
-    `jax.device_put`. `params` (arrays or `ShapeDtypeStruct`s) overrides the config's own leaf
-    types, e.g. a float tree for a quantized config under QAT; `serving_layout` as in
-    `param_specs`."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec),
-                        param_specs(config, mesh, params, serving_layout),
-                        is_leaf=lambda x: isinstance(x, PartitionSpec))
-
-
-def shard_params(params, config, mesh):
-    """Places `params` on `mesh` according to `RULES`."""
-    return jax.device_put(params, param_shardings(config, mesh, params))
 
 
 def optimizer_shardings(opt_state, shardings, mesh):

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import k2jax
-from k2jax import sharding
+from k2jax import param_sharding, sharding
 from k2jax.config import ModelConfig
 from serve import paged_cache, sampling
 from serve.paged_cache import PageAllocator
@@ -160,14 +160,14 @@ def uses_serving_layout() -> bool:
 
 def _place_params(config: ModelConfig, params, mesh, serving_layout: bool):
     """The weights on device once, not per step, in the layout the engine computes with. On a
-    mesh every leaf goes to its sharding under the rules (`sharding.param_shardings`, of the
-    serving layout where used), so each device holds only its part; leaves already placed
+    mesh every leaf goes to its sharding under the rules (`param_sharding.param_shardings`, of
+    the serving layout where used), so each device holds only its part; leaves already placed
     there (`k2jax.load(path, mesh)`) stay as they are."""
     if serving_layout:
         params = k2jax.to_serving_layout(params)
     if mesh is None:
         return jax.tree.map(jnp.asarray, params)
-    return jax.device_put(params, sharding.param_shardings(config, mesh, params,
+    return jax.device_put(params, param_sharding.param_shardings(config, mesh, params,
                                                            serving_layout=serving_layout))
 
 
@@ -191,7 +191,7 @@ def lower_step(config: ModelConfig, mesh, *, rows: int, tokens_per_row: int, con
                          shapes)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           k2jax.param_shapes(config),
-                          sharding.param_shardings(config, mesh, serving_layout=False))
+                          param_sharding.param_shardings(config, mesh, serving_layout=False))
     rows_sh = paged_cache.rows_sharding(mesh)
 
     def row_input(*shape):

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from k2jax import sharding
+from k2jax import param_sharding, sharding
 from k2jax.config import ModelConfig
 from train import qat
 
@@ -55,7 +55,7 @@ def _like_params(tree, param_shardings: dict, mesh):
 
 def state_shardings(state, config: ModelConfig, mesh):
     """Shardings of `{"step", "params", "opt_state"}` (arrays or `ShapeDtypeStruct`s)."""
-    params = sharding.param_shardings(config, mesh, state["params"])
+    params = param_sharding.param_shardings(config, mesh, state["params"])
     leaves = qat.flat(state["params"])
     by_path = {p: (s, tuple(leaves[p].shape)) for p, s in qat.flat(params).items()}
     return {"step": replicated(mesh), "params": params,

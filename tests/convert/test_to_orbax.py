@@ -197,13 +197,13 @@ def test_load_places_leaves_on_given_shardings(k2_int4_hub, tmp_path):
 
 
 def test_load_onto_a_mesh_uses_the_parameter_shardings(k2_int4_hub, tmp_path):
-    from k2jax import sharding
+    from k2jax import param_sharding, sharding
 
     convert_to_orbax(k2_int4_hub.path, tmp_path / "ckpt", progress=False)
     config, params = load(tmp_path / "ckpt")
     mesh = sharding.make_mesh("expert=4,tensor=2")
     _, sharded = load(tmp_path / "ckpt", mesh)
-    expected = sharding.param_shardings(config, mesh)
+    expected = param_sharding.param_shardings(config, mesh)
     got = jax.tree.map(lambda x: x.sharding, sharded)
     assert jax.tree.leaves(got) == jax.tree.leaves(expected)
     values = sharded["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"].values

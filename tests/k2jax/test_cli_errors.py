@@ -12,7 +12,7 @@ from jax.sharding import AbstractMesh
 import k2jax
 import plan
 import cli
-from k2jax import expert_parallel, sharding
+from k2jax import expert_parallel, param_sharding, sharding
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = k2jax.ModelConfig.preset("tiny")
@@ -84,7 +84,7 @@ def test_check_mesh_refuses_axes_that_do_not_divide():
 def test_param_specs_and_expert_axes_refuse_a_mesh_that_drops_expert_parallelism():
     mesh = abstract_mesh(expert=3)
     with pytest.raises(sharding.MeshError, match="8 routed experts.*3 devices"):
-        sharding.param_specs(TINY, mesh)
+        param_sharding.param_specs(TINY, mesh)
     with pytest.raises(sharding.MeshError, match="8 routed experts.*3 devices"):
         expert_parallel.expert_axes(mesh, TINY.n_routed_experts)
     assert expert_parallel.expert_axes(abstract_mesh(expert=4), 8) == ("expert",)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax import expert_parallel, sharding
+from k2jax import expert_parallel, param_sharding, sharding
 from k2jax.model import Transformer
 from k2jax.moe import MoE
 
@@ -71,7 +71,7 @@ def test_sharded_forward_and_gradient_equal_single_device(reference, mesh_shape)
     params, tokens, logits_ref, grads_ref, _ = reference
     mesh = sharding.make_mesh(mesh_shape)
     with sharding.activate(mesh):
-        params_sharded = sharding.shard_params(params, CONFIG, mesh)
+        params_sharded = param_sharding.shard_params(params, CONFIG, mesh)
         tokens_sharded = jax.device_put(tokens, sharding.batch_sharding(mesh, tokens.shape))
         compiled = jax.jit(step).lower(params_sharded, tokens_sharded).compile()
         (_, (logits, _)), grads = compiled(params_sharded, tokens_sharded)
@@ -81,8 +81,8 @@ def test_sharded_forward_and_gradient_equal_single_device(reference, mesh_shape)
         np.testing.assert_allclose(g, g_ref, atol=2e-5, rtol=1e-4,
                                    err_msg=jax.tree_util.keystr(path))
     expert_grad = grads["moe_layers"]["mlp"]["experts"]["gate_proj"]["kernel"]
-    want = sharding.param_shardings(CONFIG, mesh)["moe_layers"]["mlp"]["experts"]["gate_proj"][
-        "kernel"]
+    experts = param_sharding.param_shardings(CONFIG, mesh)["moe_layers"]["mlp"]["experts"]
+    want = experts["gate_proj"]["kernel"]
     assert expert_grad.sharding.is_equivalent_to(want, expert_grad.ndim)
     hlo = compiled.as_text()
     assert "all-to-all" in hlo
@@ -170,7 +170,7 @@ def test_quantized_experts_split_values_and_scale_alike():
     # are split on the same axes.
     config = CONFIG.replace(moe_intermediate_size=128, quantized_linears=("routed_experts",))
     mesh = sharding.make_mesh("tensor=2,expert=4")
-    spec = sharding.param_specs(config, mesh)["moe_layers"]["mlp"]["experts"]["down_proj"][
+    spec = param_sharding.param_specs(config, mesh)["moe_layers"]["mlp"]["experts"]["down_proj"][
         "kernel"]
     assert spec.values == spec.scale == jax.sharding.PartitionSpec(None, "expert", "tensor", None)
     x_btd = jax.random.normal(jax.random.key(3), (4, 6, config.hidden_size))

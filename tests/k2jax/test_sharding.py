@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import k2jax
-from k2jax import sharding
+from k2jax import param_sharding, sharding
 
 TINY = k2jax.ModelConfig.preset("tiny")
 
@@ -43,7 +43,7 @@ def test_make_mesh_uses_all_devices():
 
 def test_param_specs_follow_the_rules():
     mesh = sharding.make_mesh("fsdp=2,tensor=2,expert=2")
-    specs = leaves_with_paths(sharding.param_specs(TINY, mesh))
+    specs = leaves_with_paths(param_sharding.param_specs(TINY, mesh))
     moe = "['moe_layers']"
     assert specs[f"{moe}['mlp']['experts']['gate_proj']['kernel']"] == P(
         None, ("fsdp", "expert"), None, "tensor")
@@ -71,7 +71,7 @@ def test_full_size_specs_divide_every_dimension():
     config = k2jax.ModelConfig.preset("kimi-k2-thinking")
     mesh = jax.sharding.AbstractMesh((1, 2, 2, 2), sharding.MESH_AXES)
     shapes = k2jax.param_shapes(config)
-    specs = sharding.param_specs(config, mesh, shapes)
+    specs = param_sharding.param_specs(config, mesh, shapes)
     experts = specs["moe_layers"]["mlp"]["experts"]["down_proj"]["kernel"]
     assert experts.values == experts.scale == P(None, ("fsdp", "expert"), "tensor", None)
     sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
@@ -85,7 +85,7 @@ def test_full_size_specs_divide_every_dimension():
 def test_optimizer_state_sharded_like_params():
     mesh = sharding.make_mesh("fsdp=2,tensor=2,expert=2")
     shapes = k2jax.param_shapes(TINY)
-    shardings = sharding.param_shardings(TINY, mesh)
+    shardings = param_sharding.param_shardings(TINY, mesh)
     state = jax.eval_shape(optax.adamw(1e-3).init, shapes)
     opt = sharding.optimizer_shardings(state, shardings, mesh)
     adam = opt[0]
@@ -120,7 +120,7 @@ def test_activate_sets_mesh_and_rules():
 def test_shard_params_places_quantized_weights():
     config = TINY.replace(quantized_linears=("routed_experts",))
     mesh = sharding.make_mesh("expert=8")
-    params = sharding.shard_params(k2jax.init_params(config, jax.random.key(0)), config, mesh)
+    params = param_sharding.shard_params(k2jax.init_params(config, jax.random.key(0)), config, mesh)
     kernel = params["moe_layers"]["mlp"]["experts"]["up_proj"]["kernel"]
     assert isinstance(kernel, k2jax.QuantizedWeight)
     for part in (kernel.values, kernel.scale):

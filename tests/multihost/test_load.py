@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax import sharding
+from k2jax import param_sharding, sharding
 from serve.server_cli import random_params
 from tests.multihost.harness import Job, python
 
@@ -26,7 +26,8 @@ def expert_heavy_checkpoint(tmp_path_factory):
     # Saved from a mesh, each expert shard is its own chunk (as a training export or
     # `k2jax convert`, which chunks per expert, store them).
     mesh = sharding.make_mesh("expert=8")
-    k2jax.save(path, config, sharding.shard_params(random_params(config, seed=4), config, mesh))
+    params = param_sharding.shard_params(random_params(config, seed=4), config, mesh)
+    k2jax.save(path, config, params)
     return path
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import k2jax
-from k2jax import sharding
+from k2jax import param_sharding, sharding
 from serve import engine as engine_module
 from serve import paged_cache
 from serve.engine import Engine
@@ -73,7 +73,7 @@ def test_sharded_engine_equals_one_device(params, single_device, spec):
 def test_params_are_placed_by_the_rules(params):
     mesh = sharding.make_mesh("expert=4,tensor=2")
     engine = Engine(CONFIG, params, mesh=mesh, max_batch=8, max_seq_len=64, page_size=8)
-    expected = sharding.param_specs(CONFIG, mesh, serving_layout=True)
+    expected = param_sharding.param_specs(CONFIG, mesh, serving_layout=True)
     got = jax.tree.map(lambda a: a.sharding.spec, engine.params)
     assert jax.tree.leaves(got) == jax.tree.leaves(expected)
     gate = engine.params["moe_layers"]["0"]["mlp"]["experts"]["gate_proj"]["kernel"]
