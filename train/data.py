@@ -236,11 +236,17 @@ class Packer:
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
         self.position = position
         self.stream, self.num_streams = stream, num_streams
+        self._epoch_order: tuple[int, np.ndarray] | None = None
 
     def _order(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus))
-        # With fewer documents than streams, stream r takes document r mod n alone.
-        return order[self.stream % len(order)::self.num_streams]
+        """This stream's share of `epoch`'s document order, drawn once per epoch (a batch's
+        streams each pack one row per step: redrawing it per row would cost a permutation of
+        the corpus per row)."""
+        if self._epoch_order is None or self._epoch_order[0] != epoch:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.corpus))
+            # With fewer documents than streams, stream r takes document r mod n alone.
+            self._epoch_order = epoch, order[self.stream % len(order)::self.num_streams]
+        return self._epoch_order[1]
 
     def rows(self, count: int) -> dict[str, np.ndarray]:
         """The next `count` rows: each of `BATCH_FIELDS` as `[count, seq_len]`."""
