@@ -204,7 +204,7 @@ class _OutputLock:
     take while they prepare or finalize it; released on exit."""
 
     def __init__(self, out: str):
-        self.path = out + ".lock"
+        self.out, self.path = out, out + ".lock"
         self._file = None
 
     def __enter__(self) -> "_OutputLock":
@@ -224,7 +224,7 @@ class _OutputLock:
 
     def __exit__(self, *exc) -> None:
         finished = self._file is not None and os.path.isfile(
-            os.path.join(self.path[:-len(".lock")], CONFIG_FILE))
+            os.path.join(self.out, CONFIG_FILE))
         if finished:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)

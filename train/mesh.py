@@ -80,23 +80,24 @@ def local_rows(sharding, shape: tuple[int, int, int]) -> set[int]:
     return rows
 
 
-def gather_positions(positions: np.ndarray) -> np.ndarray:
-    """Every process's `BatchStreams.positions()` combined (-1 marks another's stream)."""
+def _max_over_processes(values: np.ndarray) -> np.ndarray:
+    """The elementwise maximum of every process's `values` (all processes call it together)."""
     if jax.process_count() == 1:
-        return positions
+        return values
     from jax.experimental import multihost_utils
 
-    return np.asarray(multihost_utils.process_allgather(positions)).max(axis=0)
+    return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+def gather_positions(positions: np.ndarray) -> np.ndarray:
+    """Every process's `BatchStreams.positions()` combined (-1 marks another's stream)."""
+    return _max_over_processes(positions)
 
 
 def max_over_processes(value: int) -> int:
-    """The largest of every process's `value` (all processes call it together): a signal that
-    reached one host stops every host at the same step."""
-    if jax.process_count() == 1:
-        return value
-    from jax.experimental import multihost_utils
-
-    return int(np.asarray(multihost_utils.process_allgather(np.int32(value))).max())
+    """The largest of every process's `value`: a signal that reached one host stops every
+    host at the same step."""
+    return int(_max_over_processes(np.int32(value)))
 
 
 def put_batch(batch: dict[str, np.ndarray], shardings: dict):

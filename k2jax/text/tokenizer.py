@@ -108,7 +108,6 @@ class K2Tokenizer:
         self.im_end_id = self.special_tokens.get(st.IM_END)
         self.pad_id = self.special_tokens.get(st.PAD)
         self.unk_id = self.special_tokens.get(st.UNK)
-        self.stop_ids = tuple(i for i in (self.im_end_id, self.eos_id) if i is not None)
         # The most bytes (so characters) one token covers: a bound that lets a server refuse
         # text too long for its prompt limit without tokenizing it.
         self.max_token_bytes = max(
@@ -148,9 +147,12 @@ class K2Tokenizer:
                 raise ValueError(f"{config_path}: {field} {token!r} is not among the special "
                                  "tokens of added_tokens_decoder")
             setattr(tokenizer, _ROLE_FIELDS[field], tokenizer.special_tokens[token])
-        tokenizer.stop_ids = tuple(dict.fromkeys(
-            i for i in (tokenizer.im_end_id, tokenizer.eos_id) if i is not None))
         return tokenizer
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """Where generation stops: `<|im_end|>`, then the EOS token (each once, if present)."""
+        return tuple(dict.fromkeys(i for i in (self.im_end_id, self.eos_id) if i is not None))
 
     @property
     def tiktoken_encoding(self) -> tiktoken.Encoding:
