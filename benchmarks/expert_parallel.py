@@ -36,7 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 import k2jax  # noqa: E402
-from k2jax import expert_parallel, plan, sharding  # noqa: E402
+from k2jax import plan, sharding  # noqa: E402
 from k2jax.moe import MoE  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def moe_step(config):
     module = MoE(config)
 
     def loss(params, x_td):
-        y, _ = module.apply({"params": params}, x_td[None])
+        y, _, _ = module.apply({"params": params}, x_td[None])
         return jnp.mean(y.astype(jnp.float32) ** 2)
 
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
@@ -94,8 +94,9 @@ def main():
     rows = {}
     with sharding.activate(mesh):
         rows["expert-parallel"] = measure(moe_step(config), sharded, x_sharded, args.steps)
-        with expert_parallel.settings(capacity_factor=1.25):
-            rows["EP, capacity 1.25"] = measure(moe_step(config), sharded, x_sharded, args.steps)
+        rows["EP, capacity 1.25"] = measure(
+            moe_step(config.replace(expert_capacity_factor=1.25)), sharded, x_sharded,
+            args.steps)
     rows["XLA-partitioned"] = measure(moe_step(config), sharded, x_sharded, args.steps)
     rows["one device"] = measure(moe_step(config), params, x, args.steps)
 

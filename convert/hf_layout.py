@@ -129,9 +129,7 @@ def plan(source: ModelConfig, target: ModelConfig) -> list[Unit]:
     units = [Unit("top", tuple(item(hf, tuple(p.split("/")), (), kind)
                                for hf, p, kind in TOP_RULES))]
     for i in range(source.num_hidden_layers):
-        dense = i < source.first_k_dense_replace
-        stack, li = ("dense_layers", i) if dense else ("moe_layers",
-                                                       i - source.first_k_dense_replace)
+        stack, li = source.stack_of_layer(i)
         items = []
         for hf, p, kind in LAYER_RULES:
             leaf = (stack, *p.split("/"))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from k2jax import quant
 from k2jax.attention import LatentCache
-from k2jax.config import ModelConfig
+from k2jax.config import STACK_NAMES, ModelConfig
 from k2jax.model import Transformer
 
 
@@ -56,9 +56,6 @@ def param_axes(config: ModelConfig, serving_layout: bool = False):
     return jax.tree.map(names, boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
 
 
-STACKS = ("dense_layers", "moe_layers")
-
-
 def _transpose_float(linear):
     kernel = linear["kernel"]
     if isinstance(kernel, quant.QuantizedWeight):
@@ -70,7 +67,7 @@ def _layout_linears(params):
     """`params` (one subtree per layer) with the float kernels of lm_head and of each layer's
     kv_b_proj transposed, `[in, out]` <-> `[out, in]`: its own inverse."""
     out = {**params, "lm_head": _transpose_float(params["lm_head"])}
-    for stack in STACKS:
+    for stack in STACK_NAMES:
         if stack in out:
             out[stack] = {key: {**layer, "self_attn": {
                 **layer["self_attn"],
@@ -83,7 +80,7 @@ def to_serving_layout(params):
     """The same weights in the serving layout (`k2jax.model`): each stacked layer leaf split
     into one per layer, the float kernels of lm_head and kv_b_proj transposed to `[out, in]`."""
     out = dict(params)
-    for stack in STACKS:
+    for stack in STACK_NAMES:
         if stack in out:
             count = jax.tree.leaves(out[stack])[0].shape[0]
             out[stack] = {str(i): jax.tree.map(lambda a, i=i: a[i], out[stack])
@@ -94,7 +91,7 @@ def to_serving_layout(params):
 def from_serving_layout(params):
     """Inverse of `to_serving_layout`: the stacked (checkpoint) layout."""
     out = _layout_linears(params)
-    for stack in STACKS:
+    for stack in STACK_NAMES:
         if stack in out:
             layers = [out[stack][str(i)] for i in range(len(out[stack]))]
             out[stack] = jax.tree.map(lambda *a: jnp.stack(a), *layers)
@@ -115,12 +112,10 @@ def logits(config: ModelConfig, params, tokens_bt: jax.Array, positions_bt=None,
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype=jnp.bfloat16):
     """An empty latent cache: per stack, `ckv [L, B, S, C]` and `kpe [L, B, S, R]`."""
     cache = {}
-    for stack, count in (("dense_layers", config.num_dense_layers),
-                         ("moe_layers", config.num_moe_layers)):
-        if count:
-            cache[stack] = LatentCache(
-                jnp.zeros((count, batch, max_len, config.kv_lora_rank), dtype),
-                jnp.zeros((count, batch, max_len, config.qk_rope_head_dim), dtype))
+    for stack, count, _ in config.layer_stacks:
+        cache[stack] = LatentCache(
+            jnp.zeros((count, batch, max_len, config.kv_lora_rank), dtype),
+            jnp.zeros((count, batch, max_len, config.qk_rope_head_dim), dtype))
     return cache
 
 

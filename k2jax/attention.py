@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from k2jax import quant, rotary
 from k2jax.config import ModelConfig
 from k2jax.layers import Linear, RMSNorm
-from pallas_kernels.attention import attention, latent_attention
+from pallas_kernels.attention import attention, blockwise, latent_attention
 
 def to_storage(x, dtype):
     """Casts cache entries to their storage dtype; 8-bit floats saturate instead of turning
@@ -96,6 +96,9 @@ class MLAttention(nn.Module):
 
     config: ModelConfig
     serving_layout: bool = False  # kv_b_proj's float kernel stored [out, in] (k2jax.model)
+    # Also return each head's largest pre-softmax logit (softmax scale included) over the
+    # batch, `[N]` float32, not differentiated: what QK-clip reads (cache-less form only).
+    max_logits: bool = False
 
     def setup(self):
         cfg = self.config
@@ -158,23 +161,27 @@ class MLAttention(nn.Module):
           cache: optional `LayerCache`, this layer's view of the stack's cache; selects the
             absorbed form and writes this step's entries at `positions_bt`.
         Returns:
-          `[B, T, D]`, and the updated `LayerCache` (None without one).
+          `[B, T, D]`, the updated `LayerCache` (None without one), and the per-head maximum
+          logit `[N]` with `max_logits` (else None).
         """
         cfg = self.config
         cos, sin = rotary.cos_sin(cfg, positions_bt)
         q_nope_btnh, q_pe_btnr = self._queries(x_btd, cos, sin)
         ckv_btc, k_pe_btr = self._latent(x_btd, cos, sin)
+        max_logit_n = None
         if cache is None:
-            out_btnu = self._expanded(q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt,
-                                      segment_ids_bt)
+            out_btnu, max_logit_n = self._expanded(q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr,
+                                                   positions_bt, segment_ids_bt)
             new_cache = None
         else:
             if segment_ids_bt is not None:
                 raise ValueError("segment_ids are for packed training batches, not cached decode")
+            if self.max_logits:
+                raise ValueError("max_logits is a statistic of the cache-less forward")
             out_btnu, new_cache = self._absorbed(q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr,
                                                  positions_bt, cache)
         out = self.o_proj(out_btnu.reshape(*out_btnu.shape[:2], -1))
-        return out, new_cache
+        return out, new_cache, max_logit_n
 
     def _expanded(self, q_nope_btnh, q_pe_btnr, ckv_bsc, k_pe_bsr, positions_bt, segment_ids_bt):
         cfg = self.config
@@ -186,8 +193,13 @@ class MLAttention(nn.Module):
                                                                cfg.qk_rope_head_dim))
         k_bsnk = jnp.concatenate([k_nope_bsnh, k_pe_bsnr], axis=-1)
         # Blockwise (online softmax): memory grows with T, not T^2.
-        return attention(q_btnk, k_bsnk, v_bsnu, positions_bt, positions_bt, segment_ids_bt,
-                         segment_ids_bt, scale=cfg.softmax_scale)
+        out_btnu = attention(q_btnk, k_bsnk, v_bsnu, positions_bt, positions_bt, segment_ids_bt,
+                             segment_ids_bt, scale=cfg.softmax_scale)
+        if not self.max_logits:
+            return out_btnu, None
+        max_btn = blockwise.max_scores(q_btnk, k_bsnk, positions_bt, positions_bt,
+                                       segment_ids_bt, segment_ids_bt, scale=cfg.softmax_scale)
+        return out_btnu, jnp.max(max_btn, axis=(0, 1))
 
     def _absorbed(self, q_nope_btnh, q_pe_btnr, ckv_btc, k_pe_btr, positions_bt, cache):
         cfg = self.config

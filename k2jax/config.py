@@ -12,7 +12,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 SUPPORTED_ARCHITECTURES = ("DeepseekV3ForCausalLM",)
 SUPPORTED_MODEL_TYPES = ("kimi_k2", "deepseek_v3")
@@ -43,6 +43,22 @@ _HF_MODULE_EXAMPLES = {
                        "model.layers.1.mlp.experts.0.down_proj"),
     "lm_head": ("lm_head",),
 }
+
+
+EXPERT_DISPATCHES = ("auto", "dense", "ragged")
+# Fields that say how to run the model, kept out of config.json.
+RUNTIME_FIELDS = ("expert_dispatch", "expert_capacity_factor")
+
+# The parameter subtrees of the two kinds of decoder layer, in run order.
+STACK_NAMES = ("dense_layers", "moe_layers")
+
+
+class LayerStack(NamedTuple):
+    """One run of identical decoder layers: parameter subtree `name`, `count` layers."""
+
+    name: str
+    count: int
+    moe: bool
 
 
 class ConfigError(ValueError):
@@ -108,6 +124,12 @@ class ModelConfig:
     quantized_linears: tuple[str, ...] = ()
     quant_group_size: int = 32
     initializer_range: float = 0.02
+    # How the MoE layer dispatches tokens when the mesh splits the routed experts
+    # (`k2jax.expert_parallel.moe_expert_parallel`): "auto", "dense" or "ragged", and None
+    # (dropless) or the per-device-pair capacity as a multiple of the even share. How to run,
+    # not what the model is: neither is written to or read from config.json.
+    expert_dispatch: str = "auto"
+    expert_capacity_factor: float | None = None
 
     def __post_init__(self):
         def need(cond, msg):
@@ -148,6 +170,11 @@ class ModelConfig:
         need(not unknown, f"quantized_linears has unknown groups {sorted(unknown)}; "
              f"known: {LINEAR_GROUPS}")
         need(self.quant_group_size > 0, "quant_group_size must be positive")
+        need(self.expert_dispatch in EXPERT_DISPATCHES,
+             f"expert_dispatch must be one of {EXPERT_DISPATCHES}, got {self.expert_dispatch!r}")
+        need(self.expert_capacity_factor is None or self.expert_capacity_factor > 0,
+             f"expert_capacity_factor must be null or positive, got "
+             f"{self.expert_capacity_factor!r}")
         rs = self.rope_scaling
         if rs is not None:
             # HF derives YaRN's frequencies from `factor` but DeepSeek-family configs also encode
@@ -176,6 +203,21 @@ class ModelConfig:
     @property
     def num_moe_layers(self) -> int:
         return self.num_hidden_layers - self.first_k_dense_replace
+
+    @property
+    def layer_stacks(self) -> tuple[LayerStack, ...]:
+        """The non-empty stacks in run order: `first_k_dense_replace` dense layers, then MoE."""
+        dense, moe = STACK_NAMES
+        stacks = (LayerStack(dense, self.num_dense_layers, False),
+                  LayerStack(moe, self.num_moe_layers, True))
+        return tuple(stack for stack in stacks if stack.count)
+
+    def stack_of_layer(self, layer: int) -> tuple[str, int]:
+        """`(stack name, index in the stack)` of decoder layer `layer` (HF numbering)."""
+        dense, moe = STACK_NAMES
+        if layer < self.first_k_dense_replace:
+            return dense, layer
+        return moe, layer - self.first_k_dense_replace
 
     @property
     def shared_intermediate_size(self) -> int:
@@ -271,7 +313,8 @@ class ModelConfig:
             "rope_interleave": True,
         }
         for f in dataclasses.fields(self):
-            if f.name in ("dtype", "quantized_linears", "quant_group_size", "rope_scaling"):
+            if f.name in ("dtype", "quantized_linears", "quant_group_size", "rope_scaling",
+                          *RUNTIME_FIELDS):
                 continue
             out[f.name] = getattr(self, f.name)
         out["rope_scaling"] = None
@@ -370,7 +413,8 @@ def _fields_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
 
     names = {f.name for f in dataclasses.fields(ModelConfig)}
     fields = {k: v for k, v in hf.items() if k in names and k not in (
-        "rope_scaling", "dtype", "quantized_linears", "quant_group_size", "rope_theta")}
+        "rope_scaling", "dtype", "quantized_linears", "quant_group_size", "rope_theta",
+        *RUNTIME_FIELDS)}
     unknown = sorted(set(hf) - names - _IGNORED_HF_KEYS)
     if unknown:
         raise ConfigError(f"unknown fields {unknown}; refusing to guess their meaning")

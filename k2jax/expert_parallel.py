@@ -26,9 +26,6 @@ data-parallel ranks hold their own copy of the experts and never exchange tokens
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import dataclasses
 import functools
 import math
 
@@ -149,33 +146,6 @@ def _ragged_exchange(x_sorted, local_expert, send_counts, send_starts, *, axes, 
     y_recv = compute(x_recv, ids_recv)
     return ragged_all_to_all(y_recv, jnp.zeros((num_rows, d), y_recv.dtype), recv_starts,
                              recv_counts, sender_starts, send_counts, axis_name=axes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """How the MoE layer dispatches under a mesh: `impl` and `capacity_factor` as in
-    `moe_expert_parallel`."""
-
-    impl: str = "auto"
-    capacity_factor: float | None = None
-
-
-_SETTINGS = contextvars.ContextVar("expert_parallel_settings", default=Settings())
-
-
-@contextlib.contextmanager
-def settings(impl: str = "auto", capacity_factor: float | None = None):
-    """Sets the dispatch for MoE layers traced inside (jit does not key its cache on it)."""
-    resolve_impl(impl)
-    token = _SETTINGS.set(Settings(impl, capacity_factor))
-    try:
-        yield
-    finally:
-        _SETTINGS.reset(token)
-
-
-def current_settings() -> Settings:
-    return _SETTINGS.get()
 
 
 def resolve_impl(impl: str) -> str:

@@ -26,6 +26,8 @@ with the matrix transposed, and the absorbed attention wants kv_b_proj head-majo
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -38,12 +40,48 @@ from k2jax.moe import MLP, MoE
 ACTIVATION_AXES = ("batch", "length", "embed")
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerStats:
+    """What a decoder layer reports beside its output; a stack's scan stacks each on axis 0.
+
+    expert_load: int32 `[E]` token copies routed to each expert (`[0]` in a dense layer).
+    max_logit: float32 `[N]` largest attention logit per head (with `max_logits`).
+    balance_loss: float32 `[]` sequence-wise balance loss (MoE layers, with `balance_loss`).
+    """
+
+    expert_load: jax.Array
+    max_logit: jax.Array | None = None
+    balance_loss: jax.Array | None = None
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """The model's statistics over a forward, what training reads beside the logits.
+
+    expert_load: int32 `[L_moe, E]` token copies per expert of each MoE layer.
+    max_logits: `{stack: [L, N]}` largest attention logit per layer and head (when asked).
+    balance_loss: the mean over MoE layers of the sequence-wise balance loss (when asked;
+      0 without MoE layers).
+    """
+
+    expert_load: jax.Array
+    max_logits: dict[str, jax.Array] | None = None
+    balance_loss: jax.Array | None = None
+
+
 class DecoderLayer(nn.Module):
-    """Pre-norm block: `x + attn(norm(x))`, then `+ ffn(norm(.))` (dense MLP or MoE)."""
+    """Pre-norm block: `x + attn(norm(x))`, then `+ ffn(norm(.))` (dense MLP or MoE).
+
+    `(x_btd, layer_cache, positions_bt, segment_ids_bt) -> (x_btd, (layer_cache, LayerStats))`.
+    """
 
     config: ModelConfig
     moe: bool
     serving_layout: bool = False
+    max_logits: bool = False
+    balance_loss: bool = False
 
     @nn.compact
     def __call__(self, x_btd, layer_cache, positions_bt, segment_ids_bt):
@@ -51,16 +89,19 @@ class DecoderLayer(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         x_btd = nn.with_logical_constraint(x_btd, ACTIVATION_AXES)
         norm = lambda name: RMSNorm(cfg.rms_norm_eps, dtype, dtype, name=name)  # noqa: E731
-        attn_out, layer_cache = MLAttention(cfg, self.serving_layout, name="self_attn")(
+        attn_out, layer_cache, max_logit_n = MLAttention(
+            cfg, self.serving_layout, self.max_logits, name="self_attn")(
             norm("input_layernorm")(x_btd), positions_bt, segment_ids_bt, layer_cache)
         x_btd = x_btd + attn_out
         h = norm("post_attention_layernorm")(x_btd)
+        balance = None
         if self.moe:
-            ffn_out, expert_load_e = MoE(cfg, name="mlp")(h)
+            valid_bt = None if segment_ids_bt is None else segment_ids_bt > 0
+            ffn_out, expert_load_e, balance = MoE(cfg, self.balance_loss, name="mlp")(h, valid_bt)
         else:
             ffn_out = MLP(cfg, cfg.intermediate_size, "dense_mlp", name="mlp")(h)
             expert_load_e = jnp.zeros((0,), jnp.int32)
-        return x_btd + ffn_out, (layer_cache, expert_load_e)
+        return x_btd + ffn_out, (layer_cache, LayerStats(expert_load_e, max_logit_n, balance))
 
 
 def _layer_class(remat_policy: str | None):
@@ -71,10 +112,11 @@ def _layer_class(remat_policy: str | None):
 
 
 def layer_stack(config: ModelConfig, num_layers: int, moe: bool, remat_policy: str | None,
-                name: str):
+                name: str, **statistics):
     """`num_layers` identical decoder layers, parameters stacked on axis 0, run by `scan`.
 
-    Called as `(x_btd, stack_cache, positions_bt, segment_ids_bt) -> (x_btd, (cache, load))`.
+    Called as `(x_btd, stack_cache, positions_bt, segment_ids_bt) -> (x_btd, (cache, stats))`,
+    `stats` the layers' `LayerStats` stacked; `statistics`: `DecoderLayer`'s flags.
     The stack's cache rides in the scan carry; each layer sees it through a `LayerCache` and
     updates its own slots in place.
     """
@@ -83,8 +125,8 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, remat_policy: s
     def body(module, carry, index, positions_bt, segment_ids_bt):
         x_btd, cache = carry
         view = None if cache is None else LayerCache(cache, index)
-        x_btd, (view, load_e) = module(x_btd, view, positions_bt, segment_ids_bt)
-        return (x_btd, None if view is None else view.stack), load_e
+        x_btd, (view, stats) = module(x_btd, view, positions_bt, segment_ids_bt)
+        return (x_btd, None if view is None else view.stack), stats
 
     scanned = nn.scan(
         body,
@@ -94,13 +136,13 @@ def layer_stack(config: ModelConfig, num_layers: int, moe: bool, remat_policy: s
         length=num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    module = layer(config, moe, name=name)
+    module = layer(config, moe, name=name, **statistics)
 
     def run(x_btd, stack_cache, positions_bt, segment_ids_bt):
-        (x_btd, stack_cache), load_le = scanned(module, (x_btd, stack_cache),
-                                                jnp.arange(num_layers), positions_bt,
-                                                segment_ids_bt)
-        return x_btd, (stack_cache, load_le)
+        (x_btd, stack_cache), stats = scanned(module, (x_btd, stack_cache),
+                                              jnp.arange(num_layers), positions_bt,
+                                              segment_ids_bt)
+        return x_btd, (stack_cache, stats)
 
     return run
 
@@ -117,52 +159,54 @@ class LayerList(nn.Module):
     @nn.compact
     def __call__(self, x_btd, stack_cache, positions_bt, segment_ids_bt):
         layer = _layer_class(self.remat_policy)
-        loads = []
+        per_layer = []
         for index in range(self.num_layers):
             view = None if stack_cache is None else LayerCache(stack_cache, index)
-            x_btd, (view, load_e) = layer(self.config, self.moe, serving_layout=True,
-                                          name=str(index))(
+            x_btd, (view, stats) = layer(self.config, self.moe, serving_layout=True,
+                                         name=str(index))(
                 x_btd, view, positions_bt, segment_ids_bt)
             stack_cache = None if view is None else view.stack
-            loads.append(load_e)
-        return x_btd, (stack_cache, jnp.stack(loads))
+            per_layer.append(stats)
+        return x_btd, (stack_cache, jax.tree.map(lambda *a: jnp.stack(a), *per_layer))
 
 
 class Transformer(nn.Module):
-    """`tokens [B, T] -> (logits [B, T, V] float32, caches, expert_load [L_moe, E])`.
+    """`tokens [B, T] -> (logits [B, T, V] float32, caches, ModelStats)`.
 
     With `logits_index_b [B]`, only the logits at that position of each row, `[B, 1, V]`.
     `serving_layout` reads the parameters in the serving layout (see the module docstring).
+    `max_logits` / `balance_loss` add those statistics (training: QK-clip and the balance
+    loss), computed inside the layers as they run.
     """
 
     config: ModelConfig
     remat_policy: str | None = None
     serving_layout: bool = False
+    max_logits: bool = False
+    balance_loss: bool = False
 
     @nn.compact
     def __call__(self, tokens_bt, positions_bt=None, segment_ids_bt=None, cache=None,
                  logits_index_b=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        if self.serving_layout and (self.max_logits or self.balance_loss):
+            raise ValueError("max_logits and balance_loss are training statistics; the serving "
+                             "layout does not compute them")
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         x_btd = Embed(cfg.vocab_size, cfg.hidden_size, dtype, dtype, cfg.initializer_range,
                       name="embed_tokens")(tokens_bt)
         cache = cache or {}
-        new_cache, expert_load = {}, None
-        for stack, count, is_moe in (("dense_layers", cfg.num_dense_layers, False),
-                                     ("moe_layers", cfg.num_moe_layers, True)):
-            if count == 0:
-                continue
+        new_cache, stats = {}, {}
+        for stack, count, is_moe in cfg.layer_stacks:
             if self.serving_layout:
                 layers = LayerList(cfg, count, is_moe, self.remat_policy, name=stack)
             else:
-                layers = layer_stack(cfg, count, is_moe, self.remat_policy, name=stack)
-            x_btd, (stack_cache, load_le) = layers(x_btd, cache.get(stack), positions_bt,
-                                                   segment_ids_bt)
-            new_cache[stack] = stack_cache
-            if is_moe:
-                expert_load = load_le
+                layers = layer_stack(cfg, count, is_moe, self.remat_policy, name=stack,
+                                     max_logits=self.max_logits, balance_loss=self.balance_loss)
+            x_btd, (new_cache[stack], stats[stack]) = layers(x_btd, cache.get(stack),
+                                                             positions_bt, segment_ids_bt)
         if logits_index_b is not None:
             # Prefill needs only the next-token logits: skip the lm_head on the rest.
             x_btd = jnp.take_along_axis(x_btd, logits_index_b[:, None, None], axis=1)
@@ -173,4 +217,16 @@ class Transformer(nn.Module):
                       kernel_out_in=self.serving_layout,
                       name="lm_head")
         logits = head(x_btd).astype(jnp.float32)
-        return logits, (new_cache if cache else None), expert_load
+        return logits, (new_cache if cache else None), self._model_stats(stats)
+
+    def _model_stats(self, stats: dict[str, LayerStats]) -> ModelStats:
+        moe = next((stats[name] for name, _, is_moe in self.config.layer_stacks if is_moe), None)
+        expert_load = (jnp.zeros((0, self.config.n_routed_experts), jnp.int32) if moe is None
+                       else moe.expert_load)
+        max_logits = balance = None
+        if self.max_logits:
+            max_logits = {stack: s.max_logit for stack, s in stats.items()}
+        if self.balance_loss:
+            balance = (jnp.zeros((), jnp.float32) if moe is None
+                       else jnp.mean(moe.balance_loss))
+        return ModelStats(expert_load, max_logits, balance)

@@ -107,8 +107,9 @@ def plan(config, mesh_shape, *, mode="serve", batch=8, seq=4096, prefill_chunk=N
     from k2jax import expert_parallel, sharding
 
     mesh = sharding.make_mesh(mesh_shape)
+    config = config.replace(expert_dispatch=dispatch, expert_capacity_factor=capacity_factor)
     start = time.perf_counter()
-    with sharding.activate(mesh), expert_parallel.settings(dispatch, capacity_factor):
+    with sharding.activate(mesh):
         if mode == "serve":
             parts, per_device, compiled, collectives = _plan_serve(
                 config, mesh, batch, seq, prefill_chunk, cache_dtype)

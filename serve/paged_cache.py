@@ -26,7 +26,6 @@ from k2jax.attention import to_storage
 from k2jax.config import ModelConfig
 from pallas_kernels.attention import paged
 
-STACKS = (("dense_layers", "num_dense_layers"), ("moe_layers", "num_moe_layers"))
 PAGES, ROWS = "pages", "rows"  # what a per-shard output is split by
 
 
@@ -131,14 +130,11 @@ def init_pages(config: ModelConfig, num_pages: int, page_size: int, dtype=jnp.bf
                          "of the mesh")
     device = None if mesh is None else pool_sharding(mesh)
     pools = {}
-    for stack, count_attr in STACKS:
-        count = getattr(config, count_attr)
-        if count:
-            pools[stack] = (
-                jnp.zeros((count, num_pages, page_size, config.kv_lora_rank), dtype,
-                          device=device),
-                jnp.zeros((count, num_pages, page_size, config.qk_rope_head_dim), dtype,
-                          device=device))
+    for stack, count, _ in config.layer_stacks:
+        pools[stack] = (
+            jnp.zeros((count, num_pages, page_size, config.kv_lora_rank), dtype, device=device),
+            jnp.zeros((count, num_pages, page_size, config.qk_rope_head_dim), dtype,
+                      device=device))
     return pools
 
 

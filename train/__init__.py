@@ -3,7 +3,6 @@
     train.config       TrainConfig (YAML), the parameter groups, what a resume may change
     train.data         JSONL -> tokens -> packed rows with segment ids and positions
     train.qat          fake-quantized compute params, master weights from INT4, INT4 export
-    train.forward      the training forward (+ router balance and attention-logit statistics)
     train.loss         weighted next-token cross entropy
     train.optimizer    trainable subtree, AdamW / Muon, schedule, clipping
     train.balance      aux-loss-free router bias updates

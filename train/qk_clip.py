@@ -12,8 +12,8 @@ head's logit is `q_nope . k_nope + q_rope . k_rope`, and the rope key is shared 
     the shared k_rope (kv_a_proj_with_mqa)   untouched
 
 which multiplies exactly that head's logits by gamma and leaves values and other heads alone.
-Heads at or below the threshold are not touched. The statistic comes from
-`train.forward.max_attention_logits`.
+Heads at or below the threshold are not touched. The statistic is the model's own
+(`Transformer(max_logits=True)`, computed inside each attention layer as it runs).
 """
 
 from __future__ import annotations

@@ -22,12 +22,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from k2jax.config import ModelConfig
 from k2jax import api
+from k2jax.config import ModelConfig
+from k2jax.model import Transformer
 from train import balance, data, mesh as train_mesh, optimizer, qat, qk_clip
 from train.checkpointing import abstract_with_shardings
 from train.config import TrainConfig
-from train.forward import forward
 from train.loss import weighted_loss_sum
 
 
@@ -47,6 +47,8 @@ def make_step(model_config: ModelConfig, cfg: TrainConfig, qat_groups, trainable
     """
     want_balance, want_logits = cfg.aux_loss_coef > 0, cfg.qk_clip_threshold is not None
     lr = optimizer.schedule(cfg)
+    model = Transformer(model_config, remat_policy=cfg.remat_policy, max_logits=want_logits,
+                        balance_loss=want_balance)
 
     def step(state, batch):
         trainable_params, frozen = optimizer.split(state["params"], trainable)
@@ -57,24 +59,24 @@ def make_step(model_config: ModelConfig, cfg: TrainConfig, qat_groups, trainable
             master = optimizer.merge(params, frozen)
             compute = qat.compute_params(master, model_config, qat_groups,
                                          model_config.quant_group_size)
-            out = forward(model_config, compute, micro, remat_policy=cfg.remat_policy,
-                          balance_loss=want_balance, max_logits=want_logits)
-            loss_sum = weighted_loss_sum(out.logits, micro["targets"], micro["weights"])
+            logits, _, stats = model.apply({"params": compute}, micro["tokens"],
+                                           micro["positions"], micro["segment_ids"])
+            loss_sum = weighted_loss_sum(logits, micro["targets"], micro["weights"])
             objective = loss_sum / total_weight
             if want_balance:
-                objective += cfg.aux_loss_coef * out.balance_loss / num_micro
-            return objective, (loss_sum, out)
+                objective += cfg.aux_loss_coef * stats.balance_loss / num_micro
+            return objective, (loss_sum, stats)
 
         def accumulate(carry, micro):
             grads, loss_sum, balance_sum, load, logit_max = carry
-            (_, (micro_sum, out)), micro_grads = jax.value_and_grad(micro_loss, has_aux=True)(
-                trainable_params, micro)
+            (_, (micro_sum, stats)), micro_grads = jax.value_and_grad(
+                micro_loss, has_aux=True)(trainable_params, micro)
             grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, micro_grads)
             if want_balance:
-                balance_sum = balance_sum + out.balance_loss
+                balance_sum = balance_sum + stats.balance_loss
             if want_logits:
-                logit_max = jax.tree.map(jnp.maximum, logit_max, out.max_logits)
-            return (grads, loss_sum + micro_sum, balance_sum, load + out.expert_load,
+                logit_max = jax.tree.map(jnp.maximum, logit_max, stats.max_logits)
+            return (grads, loss_sum + micro_sum, balance_sum, load + stats.expert_load,
                     logit_max), None
 
         carry = (jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable_params),
@@ -103,9 +105,8 @@ def make_step(model_config: ModelConfig, cfg: TrainConfig, qat_groups, trainable
 
 
 def _initial_logit_max(config: ModelConfig):
-    stacks = {"dense_layers": config.num_dense_layers, "moe_layers": config.num_moe_layers}
     return {name: jnp.full((count, config.num_attention_heads), -jnp.inf, jnp.float32)
-            for name, count in stacks.items() if count}
+            for name, count, _ in config.layer_stacks}
 
 
 def jit_step(step, state, batch, model_config: ModelConfig, mesh):

@@ -32,9 +32,9 @@ def skewed(params, config):
 
 
 def loss_and_logits(params, tokens_bt):
-    logits, _, load_le = Transformer(CONFIG).apply({"params": params}, tokens_bt)
+    logits, _, stats = Transformer(CONFIG).apply({"params": params}, tokens_bt)
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tokens_bt[..., None], -1))
-    return loss, (logits, load_le)
+    return loss, (logits, stats.expert_load)
 
 
 step = jax.value_and_grad(loss_and_logits, has_aux=True)
@@ -89,9 +89,10 @@ def test_sharded_forward_and_gradient_equal_single_device(reference, mesh_shape)
     assert not expert_weight_gathers(hlo, CONFIG)
 
 
-def moe_layer(config, x_btd, mesh=None, **settings):
-    """One MoE layer's output and input gradient, under `mesh` when given."""
-    module = MoE(config)
+def moe_layer(config, x_btd, mesh=None, **dispatch):
+    """One MoE layer's output and input gradient, under `mesh` when given; `dispatch`:
+    `expert_dispatch` / `expert_capacity_factor` config fields."""
+    module = MoE(config.replace(**dispatch))
     params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p,
                           module.init(jax.random.key(2), x_btd)["params"],
                           is_leaf=lambda p: hasattr(p, "unbox"))
@@ -100,13 +101,13 @@ def moe_layer(config, x_btd, mesh=None, **settings):
     params["gate"]["e_score_correction_bias"] = jnp.asarray(bias)
 
     def f(x):
-        y, _ = module.apply({"params": params}, x)
+        y, _, _ = module.apply({"params": params}, x)
         return jnp.sum(y * jnp.cos(y)), y
 
     fn = jax.jit(jax.value_and_grad(f, has_aux=True))
     if mesh is None:
         return fn(x_btd)
-    with sharding.activate(mesh), expert_parallel.settings(**settings):
+    with sharding.activate(mesh):
         return fn(x_btd)
 
 
@@ -126,7 +127,8 @@ def assert_equal(got, want):
 
 def test_dense_dispatch_pads_uneven_token_counts(moe_reference):
     x_btd, want = moe_reference
-    assert_equal(moe_layer(CONFIG, x_btd, sharding.make_mesh("expert=8"), impl="dense"), want)
+    assert_equal(moe_layer(CONFIG, x_btd, sharding.make_mesh("expert=8"),
+                           expert_dispatch="dense"), want)
 
 
 def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, output_offsets,
@@ -149,7 +151,8 @@ def emulated_ragged_all_to_all(operand, output, input_offsets, send_sizes, outpu
 def test_ragged_dispatch_bookkeeping(moe_reference, monkeypatch):
     monkeypatch.setattr(expert_parallel, "ragged_all_to_all", emulated_ragged_all_to_all)
     x_btd, want = moe_reference
-    assert_equal(moe_layer(CONFIG, x_btd, sharding.make_mesh("data=2,expert=4"), impl="ragged"),
+    assert_equal(moe_layer(CONFIG, x_btd, sharding.make_mesh("data=2,expert=4"),
+                           expert_dispatch="ragged"),
                  want)
 
 
@@ -158,11 +161,11 @@ def test_capacity_factor_drops_the_same_copies_in_both_dispatches(moe_reference,
     x_btd, ((_, y_ref), _) = moe_reference
     mesh = sharding.make_mesh("expert=8")
     # Every token sends a copy to expert 0's device: at the even share, most are dropped.
-    dense = moe_layer(CONFIG, x_btd, mesh, impl="dense", capacity_factor=1.0)
+    dense = moe_layer(CONFIG, x_btd, mesh, expert_dispatch="dense", expert_capacity_factor=1.0)
     (_, y), _ = dense
     assert np.isfinite(np.asarray(y)).all()
     assert not np.allclose(y, y_ref, atol=1e-4)
-    assert_equal(moe_layer(CONFIG, x_btd, mesh, impl="ragged", capacity_factor=1.0), dense)
+    assert_equal(moe_layer(CONFIG, x_btd, mesh, expert_dispatch="ragged", expert_capacity_factor=1.0), dense)
 
 
 def test_quantized_experts_split_values_and_scale_alike():

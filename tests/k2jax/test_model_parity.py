@@ -8,6 +8,7 @@ Tolerance: float32 logits agree to 1e-4 of the reference's largest logit magnitu
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 import pytest
 
 import k2jax
@@ -73,7 +74,8 @@ def test_routing_matches_hf_per_layer(reference):
     moe = params["moe_layers"]["mlp"]["gate"]
     for layer, (x_td, hf_weights, hf_indices) in enumerate(records):
         layer_params = jax.tree.map(lambda a: a[layer], moe)
-        weights, indices = Router(config).apply({"params": layer_params}, jnp.asarray(x_td))
+        weights, indices, _ = Router(config).apply({"params": layer_params},
+                                                   jnp.asarray(x_td))
         weights, indices = np.asarray(weights), np.asarray(indices)
         # HF returns top-k unsorted: compare as (index -> weight) maps.
         order_ours, order_hf = np.argsort(indices, -1), np.argsort(hf_indices, -1)
@@ -91,8 +93,8 @@ def test_bias_selects_but_does_not_weight(reference):
     x_td = jax.random.normal(jax.random.key(3), (64, config.hidden_size))
     logits_te = x_td @ gate["kernel"]
     biased = dict(gate, e_score_correction_bias=gate["e_score_correction_bias"] * 40)
-    weights, indices = Router(config).apply({"params": biased}, x_td)
-    _, unbiased_indices = Router(config).apply(
+    weights, indices, _ = Router(config).apply({"params": biased}, x_td)
+    _, unbiased_indices, _ = Router(config).apply(
         {"params": dict(gate, e_score_correction_bias=np.zeros_like(
             gate["e_score_correction_bias"]))}, x_td)
     assert (np.asarray(indices) != np.asarray(unbiased_indices)).any()
@@ -110,7 +112,67 @@ def test_expert_load_matches_hf_selection(reference):
     config, model, params = reference
     tokens = _tokens(config, 2, 40, seed=4)
     records = hf_routing(model, tokens)
-    _, _, load_le = Transformer(config).apply({"params": params}, jnp.asarray(tokens))
+    _, _, stats = Transformer(config).apply({"params": params}, jnp.asarray(tokens))
     hf_load = np.stack([np.bincount(ix.reshape(-1), minlength=config.n_routed_experts)
                         for _, _, ix in records])
-    np.testing.assert_array_equal(np.asarray(load_le), hf_load)
+    np.testing.assert_array_equal(np.asarray(stats.expert_load), hf_load)
+
+
+def hf_max_attention_logits(model, tokens: np.ndarray) -> np.ndarray:
+    """`[L, N]`: each layer's and head's largest masked pre-softmax score in HF's eager
+    attention (scaling included), recorded by wrapping it."""
+    import transformers.models.deepseek_v3.modeling_deepseek_v3 as modeling
+
+    original, maxima = modeling.eager_attention_forward, []
+
+    def recording(module, query, key, value, attention_mask, scaling, **kwargs):
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if attention_mask is not None:
+            scores = torch.where(attention_mask.bool() if attention_mask.dtype == torch.bool
+                                 else attention_mask == 0, scores, -torch.inf)
+        maxima.append(scores.amax(dim=(0, 2, 3)).detach().numpy())
+        return original(module, query, key, value, attention_mask, scaling, **kwargs)
+
+    modeling.eager_attention_forward = recording
+    try:
+        hf_logits(model, tokens)
+    finally:
+        modeling.eager_attention_forward = original
+    return np.stack(maxima)
+
+
+def test_max_attention_logits_match_hf(reference):
+    """The per-head maximum logit QK-clip reads equals the maximum of HF's own scores."""
+    from k2jax.model import Transformer
+
+    config, model, params = reference
+    tokens = _tokens(config, 2, 40, seed=5)
+    expected = hf_max_attention_logits(model, tokens)
+    _, _, stats = Transformer(config, max_logits=True).apply({"params": params},
+                                                            jnp.asarray(tokens))
+    got = np.concatenate([np.asarray(stats.max_logits[name])
+                          for name, _, _ in config.layer_stacks])
+    assert got.shape == (config.num_hidden_layers, config.num_attention_heads)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_balance_loss_matches_its_definition_on_hf_routing(reference):
+    """DeepSeek-V3's sequence-wise balance loss, written out in numpy over HF's router inputs
+    and selections, equals the model's."""
+    from k2jax.model import Transformer
+
+    config, model, params = reference
+    rows, length, e, k = 2, 40, config.n_routed_experts, config.num_experts_per_tok
+    tokens = _tokens(config, rows, length, seed=6)
+    per_layer = []
+    for layer, (x_td, _, indices_tk) in zip(model.model.layers[config.first_k_dense_replace:],
+                                            hf_routing(model, tokens)):
+        scores = 1 / (1 + np.exp(-(x_td.astype(np.float64)
+                                   @ layer.mlp.gate.weight.detach().double().numpy().T)))
+        affinity = (scores / scores.sum(-1, keepdims=True)).reshape(rows, length, e)
+        chosen = indices_tk.reshape(rows, length * k)
+        f = np.stack([np.bincount(c, minlength=e) for c in chosen]) * e / (k * length)
+        per_layer.append(np.mean(np.sum(f * affinity.mean(axis=1), axis=-1)))
+    _, _, stats = Transformer(config, balance_loss=True).apply({"params": params},
+                                                              jnp.asarray(tokens))
+    np.testing.assert_allclose(float(stats.balance_loss), np.mean(per_layer), rtol=1e-5)

@@ -44,13 +44,13 @@ def test_grouped_dispatch_equals_dense_reference_with_skewed_routing():
     params["gate"]["e_score_correction_bias"] = jnp.asarray(bias)
     params = jax.tree.map(lambda p: p.unbox() if hasattr(p, "unbox") else p, params,
                           is_leaf=lambda p: hasattr(p, "unbox"))
-    y_btd, load_e = module.apply({"params": params}, x_btd)
+    y_btd, load_e, _ = module.apply({"params": params}, x_btd)
     load_e = np.asarray(load_e)
     assert load_e[0] == 18 and (load_e[4:] == 0).all() and load_e.sum() == 36
 
     from k2jax.moe import MLP, Router
     x_td = x_btd.reshape(-1, CONFIG.hidden_size)
-    weights_tk, indices_tk = Router(CONFIG).apply({"params": params["gate"]}, x_td)
+    weights_tk, indices_tk, _ = Router(CONFIG).apply({"params": params["gate"]}, x_td)
     expected = dense_moe_reference(x_td, weights_tk, indices_tk, params["experts"])
     expected += MLP(CONFIG, CONFIG.shared_intermediate_size, "shared_experts").apply(
         {"params": params["shared_experts"]}, x_td)

@@ -1,5 +1,6 @@
-"""The statistics forward equals the model's forward; QK-clip scales exactly the heads over the
-threshold to it; the balance loss is 1 when balanced; bias updates even out expert load."""
+"""Asking the model for statistics leaves its forward unchanged; QK-clip scales exactly the heads
+over the threshold to it; the balance loss is 1 when balanced; bias updates even out expert load.
+(The statistics' values are checked against HF in tests/k2jax/test_model_parity.py.)"""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +8,10 @@ import numpy as np
 import pytest
 
 from k2jax.model import Transformer
+from k2jax.moe import sequence_balance_loss
 from pallas_kernels.topk_routing import route
 from tests.train.common import CONFIG, fast_jit, random_master, random_tokens
 from train import balance, qat, qk_clip
-from train.forward import forward, sequence_balance_loss
 
 F32 = CONFIG.replace(dtype="float32")
 
@@ -22,24 +23,27 @@ def setup():
     segments = jnp.asarray(np.where(np.arange(24) < 10, 1, 2)[None].repeat(2, 0), jnp.int32)
     positions = jnp.where(segments == 1, jnp.arange(24), jnp.arange(24) - 10).astype(jnp.int32)
     batch = {"tokens": tokens, "positions": positions, "segment_ids": segments}
-    stats = fast_jit(lambda p: forward(F32, p, batch, balance_loss=True, max_logits=True))
-    return params, batch, stats
+    args = (batch["tokens"], batch["positions"], batch["segment_ids"])
+    with_stats = Transformer(F32, max_logits=True, balance_loss=True)
+    forward = fast_jit(lambda p: with_stats.apply({"params": p}, *args))
+    return params, args, lambda p: forward(p)[2], forward
 
 
-def test_statistics_forward_equals_the_model(setup):
-    params, batch, stats = setup
-    out = stats(params)
-    logits, _, load = fast_jit(lambda p: Transformer(F32).apply(
-        {"params": p}, batch["tokens"], batch["positions"], batch["segment_ids"]))(params)
-    np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(logits))
-    np.testing.assert_array_equal(np.asarray(out.expert_load), np.asarray(load))
-    assert {k: v.shape for k, v in out.max_logits.items()} == {
+def test_statistics_leave_the_forward_unchanged(setup):
+    params, args, _, forward = setup
+    logits, _, stats = forward(params)
+    plain_logits, _, plain = fast_jit(lambda p: Transformer(F32).apply({"params": p}, *args))(
+        params)
+    np.testing.assert_array_equal(np.asarray(logits), np.asarray(plain_logits))
+    np.testing.assert_array_equal(np.asarray(stats.expert_load), np.asarray(plain.expert_load))
+    assert plain.max_logits is None and plain.balance_loss is None
+    assert {k: v.shape for k, v in stats.max_logits.items()} == {
         "dense_layers": (1, F32.num_attention_heads), "moe_layers": (1, F32.num_attention_heads)}
-    assert np.isfinite(float(out.balance_loss)) and float(out.balance_loss) > 0
+    assert np.isfinite(float(stats.balance_loss)) and float(stats.balance_loss) > 0
 
 
 def test_qk_clip_brings_exactly_the_hot_heads_to_the_threshold(setup):
-    params, _, stats = setup
+    params, _, stats, _ = setup
     # Larger query weights so that heads differ clearly; only the first layer's statistics are
     # compared, since clipping changes what later layers receive.
     leaves = qat.flat(params)
@@ -69,12 +73,11 @@ def test_qk_clip_brings_exactly_the_hot_heads_to_the_threshold(setup):
 
 
 def test_balance_loss_is_one_for_uniform_scores():
-    h = jnp.zeros((3, 5, F32.hidden_size))
-    kernel = jnp.zeros((F32.hidden_size, F32.n_routed_experts))
-    indices = jax.random.randint(jax.random.key(0), (15, F32.num_experts_per_tok), 0,
+    logits = jnp.zeros((3, 5, F32.n_routed_experts))
+    indices = jax.random.randint(jax.random.key(0), (3, 5, F32.num_experts_per_tok), 0,
                                  F32.n_routed_experts)
-    loss = sequence_balance_loss(F32, h, kernel, indices, jnp.ones((3, 5), bool))
-    np.testing.assert_allclose(np.asarray(loss), [1.0], rtol=1e-6)
+    loss = sequence_balance_loss(logits, indices, jnp.ones((3, 5), bool))
+    np.testing.assert_allclose(np.asarray(loss), 1.0, rtol=1e-6)
 
 
 def test_bias_updates_even_out_expert_load():
