@@ -125,17 +125,9 @@ def generate_chat(model_or_checkpoint, conversations, *, tokenizer, tools=None,
         raise ValueError(f"heavy must be an integer >= 2 (the number of candidates), got {heavy!r}")
     if is_conversation(conversations):
         conversations = [conversations]
-    engine_options = {k: kwargs.pop(k) for k in generation.ENGINE_OPTIONS if k in kwargs}
-    if sampling_params is not None and kwargs:
-        raise ValueError("give sampling_params or sampling keyword arguments, not both "
-                         f"(got {sorted(kwargs)})")
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        sampling_params = [sampling_params or SamplingParams.from_kwargs(**kwargs)] * len(
-            conversations)
-    if len(sampling_params) != len(conversations):
-        raise ValueError(f"{len(sampling_params)} sampling_params for {len(conversations)} "
-                         "conversations")
-    params = [with_chat_stops(p, tokenizer) for p in sampling_params]
+    engine_options, sampling_kwargs = generation.split_options(kwargs)
+    params = [with_chat_stops(p, tokenizer) for p in generation.params_per_prompt(
+        len(conversations), sampling_params, sampling_kwargs, "conversations")]
     model = generation.load_model(model_or_checkpoint,
                                   generation.resolve_mesh(engine_options))
     run = functools.partial(_run, model, tokenizer, engine_options=engine_options)

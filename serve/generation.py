@@ -66,7 +66,10 @@ def _prompt_list(prompts, tokenizer) -> list[list[int]]:
     return out
 
 
-def _params_per_prompt(count: int, sampling_params, sampling_kwargs) -> list[SamplingParams]:
+def params_per_prompt(count: int, sampling_params, sampling_kwargs,
+                      what: str = "prompts") -> list[SamplingParams]:
+    """One `SamplingParams` for each of `count` prompts (or conversations: `what`), from
+    `sampling_params` (one, or one per prompt) or else the sampling keyword arguments."""
     if sampling_params is not None and sampling_kwargs:
         raise ValueError("give sampling_params or sampling keyword arguments, not both "
                          f"(got {sorted(sampling_kwargs)})")
@@ -76,11 +79,13 @@ def _params_per_prompt(count: int, sampling_params, sampling_kwargs) -> list[Sam
         return [sampling_params] * count
     sampling_params = list(sampling_params)
     if len(sampling_params) != count:
-        raise ValueError(f"{len(sampling_params)} sampling_params for {count} prompts")
+        raise ValueError(f"{len(sampling_params)} sampling_params for {count} {what}")
     return sampling_params
 
 
-def _split_options(kwargs: dict[str, Any]):
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(engine options, sampling keyword arguments)` of `generate`'s keyword arguments."""
+    kwargs = dict(kwargs)
     engine = {k: kwargs.pop(k) for k in ENGINE_OPTIONS if k in kwargs}
     return engine, kwargs
 
@@ -119,9 +124,9 @@ def stream(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=None
     `StreamDelta.request_id` is the prompt's index in `prompts`.
     """
     tokenizer = as_tokenizer(tokenizer)
-    engine_options, sampling_kwargs = _split_options(dict(kwargs))
+    engine_options, sampling_kwargs = split_options(kwargs)
     prompt_ids = _prompt_list(prompts, tokenizer)
-    params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
+    params = params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
     engine = make_engine(model_or_checkpoint, prompt_ids, params, tokenizer, **engine_options)
     yield from run_engine(engine, prompt_ids, params)
 
@@ -164,9 +169,9 @@ def generate(model_or_checkpoint, prompts, *, tokenizer=None, sampling_params=No
     if chat.is_chat(prompts):
         return chat.generate_chat(model_or_checkpoint, prompts, tokenizer=tokenizer,
                                   sampling_params=sampling_params, **kwargs)
-    engine_options, sampling_kwargs = _split_options(dict(kwargs))
+    engine_options, sampling_kwargs = split_options(kwargs)
     prompt_ids = _prompt_list(prompts, tokenizer)
-    params = _params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
+    params = params_per_prompt(len(prompt_ids), sampling_params, sampling_kwargs)
     engine = make_engine(model_or_checkpoint, prompt_ids, params, tokenizer, **engine_options)
     for _ in run_engine(engine, prompt_ids, params):
         pass

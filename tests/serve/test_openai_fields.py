@@ -1,52 +1,30 @@
 """The OpenAI fields beyond sampling, end to end on the real engine through the `openai`
 client: logprobs, logit_bias, stream usage, ignored fields, chat_template_kwargs, tool_choice
 and parallel_tool_calls, response_format. The model is random (the `tiny` preset), so the tests
-steer it with logit_bias where they need a particular output; the engine options match
-test_server.py's so that the compiled programs are shared. The test tokenizer spends a token per
+steer it with logit_bias where they need a particular output; the engine and server
+are tests/serve/conftest.py's. The test tokenizer spends a token per
 byte, so tool declarations are as short as the template allows."""
 
 import json
 import logging
 
 import httpx2
-import openai
-import pytest
 
 from serve import chat
-from serve.engine import Engine
-from serve.engine_loop import EngineLoop
-from serve.server import BackgroundServer, OpenAIServer, ServerLimits
+from tests.serve.served import AUTH, MODEL
 
-MODEL = "k2jax-tiny"
-ENGINE_OPTIONS = dict(max_batch=2, max_seq_len=128, prefill_chunk=16)
 CHAT = [{"role": "system", "content": "."}, {"role": "user", "content": "Hi"}]
 TOOLS = [{"function": {"name": name}} for name in "ab"]  # 100 prompt tokens with CHAT
 NO_THINKING = {"chat_template_kwargs": {"thinking": False}}
 
 
-@pytest.fixture(scope="module")
-def served(tiny):
-    config, params, tokenizer = tiny
-    engine = Engine(config, params, detokenize=chat.detokenizer(tokenizer), **ENGINE_OPTIONS)
-    loop = EngineLoop(engine).start()
-    limits = ServerLimits(max_seq_len=128, max_prompt_tokens=110, max_tokens=64)
-    app = OpenAIServer(loop, tokenizer, model_name=MODEL, limits=limits).app()
-    with BackgroundServer(app) as server:
-        yield tokenizer, server
-    loop.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[1].url + "/v1", api_key="unused", max_retries=0)
-
-
 def _special(served, name):
-    return served[0].special_id(name)
+    return served.tokenizer.special_id(name)
 
 
 def _post(served, path, body):
-    return httpx2.post(served[1].url + path, json={"model": MODEL, **body}, timeout=60)
+    return httpx2.post(served.url + path, json={"model": MODEL, **body}, headers=AUTH,
+                       timeout=60)
 
 
 # ---- logprobs ---------------------------------------------------------------------------------
@@ -102,9 +80,9 @@ def test_logit_bias_bans_and_forces_tokens(client, served):
         return response.choices[0].logprobs.tokens
 
     first = greedy()[0]
-    first_id = served[0].token_to_id(first)
+    first_id = served.tokenizer.token_to_id(first)
     assert greedy(logit_bias={str(first_id): -100})[0] != first
-    forced = served[0].token_to_id("e")
+    forced = served.tokenizer.token_to_id("e")
     assert greedy(logit_bias={str(forced): 100}) == ["e"] * 4
     too_big = _post(served, "/v1/completions", {"prompt": "x", "logit_bias": {"512": 1}})
     assert too_big.status_code == 400 and too_big.json()["error"]["param"] == "logit_bias"
@@ -145,7 +123,7 @@ def test_ignored_fields_warn_once_and_unknown_ones_are_400s(client, served, capl
 # ---- chat_template_kwargs, response_format -----------------------------------------------------
 
 def test_thinking_off_prefills_an_empty_think_block(client, served):
-    tokenizer = served[0]
+    tokenizer = served.tokenizer
     response = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=6,
                                               extra_body=NO_THINKING)
     expected = chat.render(tokenizer, CHAT, thinking=False)
@@ -162,7 +140,7 @@ def test_response_format(client, served):
     text = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=2,
                                           response_format={"type": "text"})
     assert text.choices[0].finish_reason in {"stop", "length"}
-    tokenizer = served[0]
+    tokenizer = served.tokenizer
     request = dict(model=MODEL, messages=CHAT, max_tokens=20, extra_body=NO_THINKING,
                    response_format={"type": "json_object"})
     closing = {str(tokenizer.token_to_id("}")): 100}

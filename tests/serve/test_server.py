@@ -11,40 +11,17 @@ import threading
 import time
 
 import httpx2
-import openai
 import pytest
 
 import k2jax
 from serve.generation import generate
 from cli import main as k2jax_main
 from serve import chat
-from serve.engine import Engine
-from serve.engine_loop import EngineLoop
-from serve.server import BackgroundServer, OpenAIServer, ServerLimits
 from serve.server_cli import preset_for_tokenizer
+from tests.serve.served import AUTH, ENGINE_OPTIONS, LIMITS, MODEL
 
-API_KEY = "sk-tiny"
-MODEL = "k2jax-tiny"
-ENGINE_OPTIONS = dict(max_batch=2, max_seq_len=128, prefill_chunk=16)
 SHORT_CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi!"}]
 FINISH_REASONS = {"stop", "length", "tool_calls"}
-
-
-@pytest.fixture(scope="module")
-def served(tiny):
-    config, params, tokenizer = tiny
-    engine = Engine(config, params, detokenize=chat.detokenizer(tokenizer), **ENGINE_OPTIONS)
-    loop = EngineLoop(engine).start()
-    limits = ServerLimits(max_seq_len=128, max_prompt_tokens=100, max_tokens=64)
-    app = OpenAIServer(loop, tokenizer, model_name=MODEL, limits=limits, api_key=API_KEY).app()
-    with BackgroundServer(app) as server:
-        yield engine, loop, server
-    loop.stop()
-
-
-@pytest.fixture(scope="module")
-def client(served):
-    return openai.OpenAI(base_url=served[2].url + "/v1", api_key=API_KEY, max_retries=0)
 
 
 def _message_fields(message) -> tuple:
@@ -111,7 +88,7 @@ def test_text_completions(client, served):
 
 
 def test_32_concurrent_clients_share_the_batch(client, served):
-    engine = served[0]
+    engine = served.engine
     before = dict(engine.stats)
     results, errors = [], []
 
@@ -138,8 +115,7 @@ def test_32_concurrent_clients_share_the_batch(client, served):
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, client):
-    url = served[2].url
-    auth = {"Authorization": f"Bearer {API_KEY}"}
+    url, auth = served.url, AUTH
     good = {"model": MODEL, "messages": SHORT_CHAT, "max_tokens": 3}
     with httpx2.Client(base_url=url, timeout=60) as http:
         cases = [
@@ -150,7 +126,8 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, client):
              400, "max_tokens"),
             (http.post("/v1/chat/completions", json={**good, "functions": []}, headers=auth), 400,
              "functions"),
-            (http.post("/v1/completions", json={"model": MODEL, "prompt": "x" * 101},
+            (http.post("/v1/completions", json={"model": MODEL,
+                                                  "prompt": "x" * (LIMITS.max_prompt_tokens + 1)},
                        headers=auth), 413, None),
             (http.post("/v1/completions", json={"model": MODEL, "prompt": [9999]},
                        headers=auth), 400, "prompt"),
@@ -167,7 +144,7 @@ def test_bad_requests_get_4xx_and_the_server_keeps_serving(served, client):
 
 
 def test_client_disconnect_frees_the_slots(served, client, monkeypatch):
-    engine, loop, _ = served
+    engine, loop = served.engine, served.loop
     step, abort, aborted = engine.step, engine.abort, []
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.05), step())[1])
     monkeypatch.setattr(engine, "abort", lambda rid: (aborted.append(rid), abort(rid))[1])
