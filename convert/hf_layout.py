@@ -146,6 +146,30 @@ def plan(source: ModelConfig, target: ModelConfig) -> list[Unit]:
     return units
 
 
+def tree_from_hub(config: ModelConfig, read: Callable[[str], np.ndarray]):
+    """The k2jax parameter tree (numpy leaves, `config`'s dtypes and INT4 groups) of a hub
+    checkpoint whose tensors `read(hub name)` returns: `plan`'s table, in memory."""
+    leaves = {}
+    for path, leaf in abstract_leaves(config).items():
+        empty = lambda s: np.empty(s.shape, s.dtype)  # noqa: E731
+        leaves[path] = (quant.QuantizedWeight(empty(leaf.values), empty(leaf.scale))
+                        if isinstance(leaf, quant.QuantizedWeight) else empty(leaf))
+    for unit in plan(config, config):
+        for item in unit.items:
+            value, leaf = from_hub(item, read), leaves[item.leaf]
+            if isinstance(leaf, quant.QuantizedWeight):
+                leaf.values[item.index], leaf.scale[item.index] = value.values, value.scale
+            else:
+                leaf[item.index] = value
+    tree: dict = {}
+    for path, leaf in leaves.items():
+        node = tree
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = leaf
+    return tree
+
+
 # ---- hub tensors of an item ----------------------------------------------------------------
 
 def is_int4(item: Item) -> bool:

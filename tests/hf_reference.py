@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import torch
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
 import k2jax
+from convert import hf_layout
 
 
 def hf_config(config: k2jax.ModelConfig) -> DeepseekV3Config:
@@ -39,60 +42,30 @@ def _t(x: torch.Tensor) -> np.ndarray:
     return x.detach().float().numpy()
 
 
+def hub_state_dict(model) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` in hub naming: transformers' fused experts split per expert."""
+    out = {}
+    for name, t in model.state_dict().items():
+        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)", name)
+        if m is None:
+            out[name] = t
+            continue
+        for e in range(t.shape[0]):
+            if m.group(2) == "down_proj":
+                out[f"{m.group(1)}.{e}.down_proj.weight"] = t[e]
+            else:
+                gate, up = t[e].chunk(2, dim=0)  # [2M, D]: gate rows first
+                out[f"{m.group(1)}.{e}.gate_proj.weight"] = gate
+                out[f"{m.group(1)}.{e}.up_proj.weight"] = up
+    return out
+
+
 def params_from_hf_model(config: k2jax.ModelConfig, model: DeepseekV3ForCausalLM):
-    """The k2jax parameter tree (float32 numpy) holding `model`'s weights."""
-    def linear(module):
-        return {"kernel": _t(module.weight).T}
-
-    def norm(module):
-        return {"scale": _t(module.weight)}
-
-    def layer(hf_layer, moe):
-        a = hf_layer.self_attn
-        attn = {"kv_a_proj_with_mqa": linear(a.kv_a_proj_with_mqa),
-                "kv_a_layernorm": norm(a.kv_a_layernorm), "kv_b_proj": linear(a.kv_b_proj),
-                "o_proj": linear(a.o_proj)}
-        if config.q_lora_rank:
-            attn.update(q_a_proj=linear(a.q_a_proj), q_a_layernorm=norm(a.q_a_layernorm),
-                        q_b_proj=linear(a.q_b_proj))
-        else:
-            attn["q_proj"] = linear(a.q_proj)
-        m = hf_layer.mlp
-        if moe:
-            gate_up = _t(m.experts.gate_up_proj)  # [E, 2M, D]
-            inter = config.moe_intermediate_size
-            mlp = {
-                "gate": {"kernel": _t(m.gate.weight).T,
-                         "e_score_correction_bias": _t(m.gate.e_score_correction_bias)},
-                "experts": {"gate_proj": {"kernel": gate_up[:, :inter].transpose(0, 2, 1)},
-                            "up_proj": {"kernel": gate_up[:, inter:].transpose(0, 2, 1)},
-                            "down_proj": {"kernel": _t(m.experts.down_proj).transpose(0, 2, 1)}},
-                "shared_experts": {k: linear(getattr(m.shared_experts, k))
-                                   for k in ("gate_proj", "up_proj", "down_proj")},
-            }
-        else:
-            mlp = {k: linear(getattr(m, k)) for k in ("gate_proj", "up_proj", "down_proj")}
-        return {"input_layernorm": norm(hf_layer.input_layernorm), "self_attn": attn,
-                "post_attention_layernorm": norm(hf_layer.post_attention_layernorm), "mlp": mlp}
-
-    def stack(layers):
-        return jax_tree_stack(layers)
-
-    hf_layers = model.model.layers
-    k = config.first_k_dense_replace
-    params = {"embed_tokens": {"embedding": _t(model.model.embed_tokens.weight)},
-              "norm": norm(model.model.norm), "lm_head": linear(model.lm_head)}
-    if k:
-        params["dense_layers"] = stack([layer(l, False) for l in hf_layers[:k]])
-    if config.num_moe_layers:
-        params["moe_layers"] = stack([layer(l, True) for l in hf_layers[k:]])
-    return params
-
-
-def jax_tree_stack(trees):
-    import jax
-
-    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+    """The k2jax parameter tree (float32 numpy) holding `model`'s weights, read through the
+    hub-name table `k2jax convert` uses."""
+    tensors = hub_state_dict(model)
+    return hf_layout.tree_from_hub(config.replace(dtype="float32", quantized_linears=()),
+                                   lambda name: _t(tensors[name]))
 
 
 def hf_logits(model: DeepseekV3ForCausalLM, tokens: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ import torch
 
 import k2jax
 from tests.convert import hub
-from tests.hf_reference import random_hf_model
+from tests.hf_reference import hub_state_dict, random_hf_model
 
 K2 = k2jax.ModelConfig.preset("tiny").replace(dtype="float32")
 DSV3 = k2jax.ModelConfig.preset("tiny").replace(
@@ -38,7 +38,7 @@ def k2_model():
 
 @pytest.fixture(scope="session")
 def k2_hub(tmp_path_factory, k2_model):
-    tensors = hub.bf16(hub.hub_state_dict(k2_model))
+    tensors = hub.bf16(hub_state_dict(k2_model))
     path = hub.write_hub(tmp_path_factory.mktemp("hub") / "k2", tensors, k2_model,
                          dtype="bfloat16")
     return Hub(str(path), k2_model, tensors)
@@ -46,7 +46,7 @@ def k2_hub(tmp_path_factory, k2_model):
 
 @pytest.fixture(scope="session")
 def k2_int4_hub(tmp_path_factory, k2_model):
-    tensors = hub.int4_experts(hub.bf16(hub.hub_state_dict(k2_model)))
+    tensors = hub.int4_experts(hub.bf16(hub_state_dict(k2_model)))
     path = hub.write_hub(tmp_path_factory.mktemp("hub") / "k2_int4", tensors, k2_model,
                          quantization_config=hub.K2_THINKING_QUANTIZATION, dtype="bfloat16")
     return Hub(str(path), k2_model, tensors)
@@ -54,7 +54,7 @@ def k2_int4_hub(tmp_path_factory, k2_model):
 
 @pytest.fixture(scope="session")
 def fp8_hub(tmp_path_factory, k2_model):
-    tensors = hub.fp8_linears(hub.bf16(hub.hub_state_dict(k2_model)), block=32)
+    tensors = hub.fp8_linears(hub.bf16(hub_state_dict(k2_model)), block=32)
     qc = dict(hub.FP8_QUANTIZATION, weight_block_size=[32, 32])
     path = hub.write_hub(tmp_path_factory.mktemp("hub") / "fp8", tensors, k2_model,
                          quantization_config=qc, dtype="bfloat16")
@@ -66,4 +66,4 @@ def dsv3_hub(tmp_path_factory):
     model = random_hf_model(DSV3, seed=1)
     path = tmp_path_factory.mktemp("hub") / "dsv3"
     model.save_pretrained(path, max_shard_size="200KB")
-    return Hub(str(path), model, hub.hub_state_dict(model))
+    return Hub(str(path), model, hub_state_dict(model))

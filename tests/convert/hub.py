@@ -38,24 +38,6 @@ FP8_QUANTIZATION = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method
 _EXPERT = re.compile(r"model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight")
 
 
-def hub_state_dict(model) -> dict[str, torch.Tensor]:
-    """`model.state_dict()` in hub naming: transformers' fused experts split per expert."""
-    out = {}
-    for name, t in model.state_dict().items():
-        m = re.fullmatch(r"(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)", name)
-        if m is None:
-            out[name] = t
-            continue
-        for e in range(t.shape[0]):
-            if m.group(2) == "down_proj":
-                out[f"{m.group(1)}.{e}.down_proj.weight"] = t[e]
-            else:
-                gate, up = t[e].chunk(2, dim=0)  # [2M, D]: gate rows first
-                out[f"{m.group(1)}.{e}.gate_proj.weight"] = gate
-                out[f"{m.group(1)}.{e}.up_proj.weight"] = up
-    return out
-
-
 def fused_state_dict(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Inverse of `hub_state_dict`: per-expert hub tensors stacked into transformers' layout."""
     out, experts = {}, {}

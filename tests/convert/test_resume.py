@@ -16,7 +16,7 @@ from convert.to_orbax import STATE_DIR, convert_to_orbax
 from k2jax.checkpoint import CheckpointError, load
 from tests.convert import hub
 from tests.convert.conftest import K2
-from tests.hf_reference import random_hf_model
+from tests.hf_reference import hub_state_dict, random_hf_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -27,7 +27,7 @@ def many_layers_hub(tmp_path_factory):
     config = K2.replace(num_hidden_layers=8, n_routed_experts=32)
     model = random_hf_model(config, seed=3)
     return hub.write_hub(tmp_path_factory.mktemp("hub") / "many", hub.bf16(
-        hub.hub_state_dict(model)), model, shard_bytes=1 << 20, dtype="bfloat16")
+        hub_state_dict(model)), model, shard_bytes=1 << 20, dtype="bfloat16")
 
 
 def _tree(directory):

@@ -19,7 +19,7 @@ import k2jax
 from convert.to_orbax import convert_to_orbax
 from k2jax.checkpoint import PARAMS_DIR, leaf_paths, load
 from tests.convert import hub
-from tests.hf_reference import hf_logits, params_from_hf_model
+from tests.hf_reference import hf_logits, hub_state_dict, params_from_hf_model
 
 RTOL = 1e-4
 
@@ -121,7 +121,7 @@ def test_int4_logits_match_dequantized_reference(k2_int4_hub, tmp_path):
     config, params = load(tmp_path / "ckpt")
     tensors = k2_int4_hub.tensors
     weights = {}
-    for name in hub.hub_state_dict(k2_int4_hub.model):
+    for name in hub_state_dict(k2_int4_hub.model):
         if name + "_packed" in tensors:
             weights[name] = _ct_decompress(tensors, name[: -len(".weight")], torch.float32)
         else:

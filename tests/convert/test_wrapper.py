@@ -22,7 +22,7 @@ from convert.to_orbax import PROVENANCE_FILE, convert_to_orbax
 from k2jax.checkpoint import load
 from tests.convert import hub
 from tests.convert.conftest import K2
-from tests.hf_reference import hf_logits, random_hf_model
+from tests.hf_reference import hf_logits, hub_state_dict, random_hf_model
 
 RTOL = 1e-4
 TEXT = K2.replace(rms_norm_eps=1e-5)
@@ -61,7 +61,7 @@ def text_model():
 
 def test_wrapper_converts_its_language_model_and_matches_hf(text_model, tmp_path):
     source = tmp_path / "k25"
-    wrapper = _write_wrapper(source, text_model, hub.hub_state_dict(text_model))
+    wrapper = _write_wrapper(source, text_model, hub_state_dict(text_model))
     notes = []
     config = convert_to_orbax(source, tmp_path / "ckpt", progress=False, log=notes.append)
     assert config == TEXT.replace(model_type="kimi_k2")
@@ -85,7 +85,7 @@ def test_wrapper_converts_its_language_model_and_matches_hf(text_model, tmp_path
 
 
 def test_wrapper_with_int4_experts_reads_the_text_quantization(text_model, tmp_path):
-    tensors = hub.int4_experts(hub.bf16(hub.hub_state_dict(text_model)))
+    tensors = hub.int4_experts(hub.bf16(hub_state_dict(text_model)))
     _write_wrapper(tmp_path / "k25", text_model, tensors, hub.K2_THINKING_QUANTIZATION)
     config = convert_to_orbax(tmp_path / "k25", tmp_path / "ckpt", progress=False,
                               log=lambda _: None)
@@ -96,7 +96,7 @@ def test_wrapper_with_int4_experts_reads_the_text_quantization(text_model, tmp_p
 
 
 def test_wrapper_problems_name_the_stored_tensors(text_model, tmp_path):
-    tensors = hub.hub_state_dict(text_model)
+    tensors = hub_state_dict(text_model)
     del tensors["model.norm.weight"]
     tensors["model.layers.0.mlp.gate_proj.weight"] = tensors[
         "model.layers.0.mlp.gate_proj.weight"][:, :-1]

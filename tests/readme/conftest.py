@@ -61,12 +61,12 @@ def user(tmp_path_factory):
     """A working directory, and the README's example paths mapped into it: the hub directory is a
     tiny K2 Thinking (INT4 experts, compressed-tensors) with its tiktoken.model."""
     from tests.convert import hub
-    from tests.hf_reference import random_hf_model
+    from tests.hf_reference import hub_state_dict, random_hf_model
 
     root = tmp_path_factory.mktemp("user")
     config = k2jax.ModelConfig.preset("tiny").replace(dtype="float32")
     model = random_hf_model(config, seed=0)
-    tensors = hub.int4_experts(hub.bf16(hub.hub_state_dict(model)))
+    tensors = hub.int4_experts(hub.bf16(hub_state_dict(model)))
     hub_dir = root / "models" / "Kimi-K2-Thinking"
     hub.write_hub(hub_dir, tensors, model, quantization_config=hub.K2_THINKING_QUANTIZATION,
                   dtype="bfloat16")
