@@ -24,9 +24,6 @@ API:
                                         that divide the dimension in every one of `shapes`
   (the parameter tree's specs and shardings, which need the model, are
    `k2jax.param_sharding`'s: this module sits below the model)
-  optimizer_shardings(opt_state, param_shardings, mesh)
-                                        optax state: params-shaped subtrees sharded like params,
-                                        everything else (step counts) replicated
   batch_sharding(mesh, shape)           `[B, ...]` inputs (tokens, positions) split over batch
   cache_shardings(cache, mesh)          `LatentCache` leaves `[L, B, S, C]` split over batch
   activate(mesh)                        context manager: the mesh (`jax.set_mesh`) and `RULES`
@@ -263,23 +260,6 @@ def logical_spec(axes, mesh, *shapes) -> PartitionSpec:
                 size *= n
         out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
     return PartitionSpec(*out)
-
-
-def optimizer_shardings(opt_state, shardings, mesh):
-    """Shardings for an optax state (arrays or `jax.eval_shape(tx.init, params)`).
-
-    Every subtree with the parameters' tree structure (AdamW's `mu`, `nu`, a master copy) is
-    sharded like the parameters; the remaining leaves (step counts, scalars) are replicated.
-    """
-    params_def = jax.tree.structure(shardings)
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def like_params(x):
-        return not isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and \
-            jax.tree.structure(x) == params_def
-
-    return jax.tree.map(lambda x: shardings if like_params(x) else replicated, opt_state,
-                        is_leaf=like_params)
 
 
 def batch_sharding(mesh, shape) -> NamedSharding:

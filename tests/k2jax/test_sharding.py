@@ -4,7 +4,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -80,17 +79,6 @@ def test_full_size_specs_divide_every_dimension():
         for dim, entry in zip(leaf.shape, spec):
             names = () if entry is None else (entry,) if isinstance(entry, str) else entry
             assert dim % int(np.prod([sizes[n] for n in names])) == 0
-
-
-def test_optimizer_state_sharded_like_params():
-    mesh = sharding.make_mesh("fsdp=2,tensor=2,expert=2")
-    shapes = k2jax.param_shapes(TINY)
-    shardings = param_sharding.param_shardings(TINY, mesh)
-    state = jax.eval_shape(optax.adamw(1e-3).init, shapes)
-    opt = sharding.optimizer_shardings(state, shardings, mesh)
-    adam = opt[0]
-    assert adam.mu == shardings and adam.nu == shardings
-    assert adam.count.spec == P()
 
 
 def test_cache_and_batch_split_over_batch_axes():

@@ -104,3 +104,23 @@ def test_gradient_accumulation_equals_one_batch(master):
             np.testing.assert_allclose(np.asarray(leaf - start[path]),
                                        np.asarray(qat.flat(b["params"])[path] - start[path]),
                                        rtol=1e-3, atol=1e-7, err_msg="/".join(path))
+
+
+def test_optimizer_state_sharded_like_params():
+    import optax
+    from jax.sharding import PartitionSpec
+
+    import k2jax
+    from k2jax import sharding
+    from train import mesh as train_mesh
+
+    mesh = sharding.make_mesh("fsdp=2,tensor=2,expert=2")
+    params = k2jax.param_shapes(CONFIG.replace(quantized_linears=(), dtype="float32"))
+    state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params,
+             "opt_state": jax.eval_shape(optax.adamw(1e-3).init, params)}
+    shardings = train_mesh.state_shardings(state, CONFIG, mesh)
+    adam = shardings["opt_state"][0]
+    assert adam.mu == shardings["params"] and adam.nu == shardings["params"]
+    assert adam.count.spec == PartitionSpec()
+    specs = {s.spec for s in jax.tree.leaves(adam.mu)}
+    assert len(specs) > 1  # the moments really are split, not all replicated
