@@ -18,8 +18,11 @@ def read_bytes() -> int:
 
 def main(checkpoint: str, mesh_spec: str, out: str) -> None:
     mesh = sharding.make_mesh(mesh_spec)
-    import orbax.checkpoint  # noqa: F401  (its import reads many files: not the checkpoint's)
+    # Imports read many files, none of them the checkpoint's: done before counting.
+    import orbax.checkpoint  # noqa: F401
     import tensorstore  # noqa: F401
+
+    import k2jax.api  # noqa: F401  (the model and its kernels)
 
     before = read_bytes()
     _, params = k2jax.load(checkpoint, mesh)
