@@ -27,9 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels.common import dequantize
-from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
-from pallas_kernels.grouped_int4_matmul import reference as grouped_reference
+from pallas_kernels.grouped_matmul import grouped_matmul
+from pallas_kernels.grouped_matmul import reference as grouped_reference
 from pallas_kernels.int4_matmul import int4_matmul
+from pallas_kernels.quantized import QuantizedWeight
 
 try:
     import tokamax
@@ -135,8 +136,8 @@ def grouped_rows(tokens_list, experts, reps, accelerator, bandwidth):
                 "xla_int4": lambda x, v, s, g: grouped_reference.grouped_int4_matmul(x, v, s, g),
             }
             if accelerator:
-                methods["pallas"] = lambda x, v, s, g: grouped_int4_matmul(x, v, s, g,
-                                                                           impl="pallas")
+                methods["pallas"] = lambda x, v, s, g: grouped_matmul(
+                    x, QuantizedWeight(v, s), g, impl="pallas")
             if tokamax is not None:
                 methods["tokamax"] = tokamax_call
             rows.append(_row(f"grouped E={experts} {label}", m, k, n, experts,

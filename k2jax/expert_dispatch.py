@@ -7,10 +7,9 @@ steps on each device's local experts, between the all-to-alls), below both.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax.numpy as jnp
 
-from k2jax import quant, tiled_grouped
+from pallas_kernels import grouped_matmul
 
 
 def permute(x_td, indices_tk, num_experts):
@@ -39,11 +38,6 @@ def expert_swiglu(x_md, group_sizes_e, gate_edm, up_edm, down_emd, dtype):
     """Expert-sorted rows `x [M, D]` through their experts' SwiGLU -> `[M, D]`.
 
     Kernels are arrays or INT4 `QuantizedWeight`s; rows past `sum(group_sizes)` give zeros.
+    The implementation is the grouped matmul op's choice for the backend (`grouped_matmul.choose`).
     """
-    if tiled_grouped.preferred():
-        return tiled_grouped.tiled_expert_swiglu(x_md, gate_edm, up_edm, down_emd,
-                                                 group_sizes_e, dtype)
-    x_md = x_md.astype(dtype)
-    gate = quant.grouped_matmul(x_md, gate_edm, group_sizes_e, dtype)
-    up = quant.grouped_matmul(x_md, up_edm, group_sizes_e, dtype)
-    return quant.grouped_matmul(nn.silu(gate) * up, down_emd, group_sizes_e, dtype)
+    return grouped_matmul.expert_swiglu(x_md, gate_edm, up_edm, down_emd, group_sizes_e, dtype)

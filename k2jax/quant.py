@@ -9,41 +9,20 @@ The bit-exact conversion to and from compressed-tensors `pack-quantized` checkpo
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from k2jax import tiled_grouped
 from pallas_kernels import common as pallas_common
-from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
 from pallas_kernels.int4_matmul import int4_matmul
+from pallas_kernels.quantized import QuantizedWeight
+
+__all__ = ["QuantizedWeight", "quantize", "dequantize", "fake_quantize", "matmul"]
 
 INT4_MIN, INT4_MAX = -8, 7
 # compressed-tensors divides the group's absmax by (qmax - qmin) / 2 = 7.5, not by 7 or 8.
 _SCALE_DIVISOR = (INT4_MAX - INT4_MIN) / 2
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class QuantizedWeight:
-    """INT4 weight: `values` int4 `[..., in, out]`, `scale` `[..., in/group, out]`."""
-
-    values: jax.Array
-    scale: jax.Array
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.values.shape)
-
-    @property
-    def ndim(self) -> int:
-        return len(self.values.shape)
-
-    @property
-    def group_size(self) -> int:
-        return self.values.shape[-2] // self.scale.shape[-2]
 
 
 @functools.partial(jax.jit, static_argnames=("group_size", "scale_dtype"))
@@ -94,19 +73,3 @@ def matmul(x: jax.Array, w: jax.Array | QuantizedWeight, dtype) -> jax.Array:
         y = int4_matmul(x.reshape(-1, x.shape[-1]).astype(dtype), w.values, w.scale)
         return y.reshape(*lead, w.shape[-1]).astype(dtype)
     return jnp.einsum("...i,io->...o", x, w.astype(dtype))
-
-
-def grouped_matmul(x_mk: jax.Array, w: jax.Array | QuantizedWeight, group_sizes_e: jax.Array,
-                   dtype) -> jax.Array:
-    """Expert-sorted rows `x [M, in]` times per-expert `w [E, in, out]` -> `[M, out]`.
-
-    On CPU a loop over the routed experts' row tiles (`k2jax.tiled_grouped`), since XLA:CPU
-    computes `ragged_dot` against every expert; elsewhere `ragged_dot` or the INT4 kernel.
-    """
-    if tiled_grouped.preferred():
-        return tiled_grouped.tiled_grouped_matmul(x_mk, w, group_sizes_e, dtype)
-    if isinstance(w, QuantizedWeight):
-        return grouped_int4_matmul(x_mk.astype(dtype), w.values, w.scale,
-                                   group_sizes_e).astype(dtype)
-    return jax.lax.ragged_dot(x_mk, w.astype(dtype), group_sizes_e,
-                              preferred_element_type=jnp.float32).astype(dtype)

@@ -18,6 +18,7 @@ from compressed_tensors.quantization.lifecycle.forward import quantize as ct_qua
 from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
 
 from k2jax import compressed_tensors, quant
+from pallas_kernels.grouped_matmul import grouped_matmul
 
 ARGS = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=32)
 SHAPES_OUT_IN = [(64, 256), (48, 96), (8, 7168 // 14)]
@@ -135,7 +136,7 @@ def test_matmuls_on_quantized_weights_match_dequantized():
     qe = quant.quantize(jax.random.normal(ke, (3, 64, 48), jnp.float32))
     sizes = jnp.array([4, 0, 3], jnp.int32)
     x_mk = x.reshape(10, 64)
-    got = quant.grouped_matmul(x_mk, qe, sizes, jnp.bfloat16)
+    got = grouped_matmul(x_mk, qe, sizes, jnp.bfloat16)
     experts = jnp.repeat(jnp.arange(3), sizes, total_repeat_length=10)
     want = jnp.einsum("mi,mio->mo", x_mk.astype(jnp.float32),
                       quant.dequantize(qe, jnp.float32)[experts])

@@ -8,7 +8,7 @@ import pytest
 from jax.experimental import pallas as pl
 
 from pallas_kernels import common
-from pallas_kernels.grouped_int4_matmul import tiling
+from pallas_kernels.grouped_matmul import tiling
 
 
 def test_resolve_picks_reference_on_cpu_and_kernels_by_platform():

@@ -13,8 +13,9 @@ from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.attention import api as attention_api
 from pallas_kernels.attention.paged import paged_latent_attention
-from pallas_kernels.grouped_int4_matmul import grouped_int4_matmul
+from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.int4_matmul import int4_matmul
+from pallas_kernels.quantized import QuantizedWeight
 from pallas_kernels.topk_routing import route
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
@@ -62,8 +63,8 @@ def test_int4_matmul_lowers(platform, m, k, n):
 @pytest.mark.parametrize("m,k,n", [(64, 7168, 2048), (32768, 2048, 7168)])
 def test_grouped_int4_matmul_lowers(platform, m, k, n):
     e = 384
-    fn = lambda x, v, s, g: grouped_int4_matmul(x, v, s, g, impl="pallas",
-                                                platform=_kernel_platform(platform))
+    fn = lambda x, v, s, g: grouped_matmul(x, QuantizedWeight(v, s), g, impl="pallas",
+                                           platform=_kernel_platform(platform))
     args = (_spec((m, k), jnp.bfloat16), _spec((e, k, n), jnp.int4),
             _spec((e, k // 32, n), jnp.bfloat16), _spec((e,), jnp.int32))
     _assert_kernel_without_bf16_weight(_export(fn, args, platform), platform, (e, k, n))

@@ -19,7 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import dequantize, largest_pow2_divisor
-from pallas_kernels.grouped_int4_matmul import tiling
+from pallas_kernels.grouped_matmul import tiling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import dequantize, fitting_tile
-from pallas_kernels.grouped_int4_matmul import tiling
+from pallas_kernels.grouped_matmul import tiling
 
 _LANES = 128
 

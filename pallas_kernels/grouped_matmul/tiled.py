@@ -1,4 +1,4 @@
-"""Grouped matmul as a loop over row tiles, each tile one expert's: the XLA:CPU path.
+"""Grouped matmul as a loop over row tiles, each tile one expert's: the XLA:CPU implementation.
 
 `lax.ragged_dot` lowers on XLA:CPU to a dense product of every row with every expert (M x E
 matmuls, then a select), so a decode step pays for all E experts however few are routed. Here
@@ -22,15 +22,7 @@ import numpy as np
 
 from pallas_kernels import common
 from pallas_kernels.common import dequantize
-
-if typing.TYPE_CHECKING:
-    from k2jax.quant import QuantizedWeight
-
-
-def preferred() -> bool:
-    """Whether the default backend should use this path: XLA:CPU, whose `ragged_dot` is dense
-    over the experts (GPU and TPU have grouped matmuls and the Pallas kernels)."""
-    return jax.default_backend() == "cpu"
+from pallas_kernels.quantized import QuantizedWeight
 
 
 class TileSchedule(typing.NamedTuple):
@@ -72,7 +64,7 @@ def tile_schedule(group_sizes_e: jax.Array, num_rows: int, tile_rows: int) -> Ti
 
 def _expert_weight(w, expert, dtype) -> jax.Array:
     """Expert `expert`'s `[K, N]` weight in `dtype` (INT4 dequantized)."""
-    if isinstance(w, jax.Array):
+    if not isinstance(w, QuantizedWeight):
         return jax.lax.dynamic_index_in_dim(w, expert, keepdims=False).astype(dtype)
     values = jax.lax.dynamic_index_in_dim(w.values, expert, keepdims=False)
     scale = jax.lax.dynamic_index_in_dim(w.scale, expert, keepdims=False)
@@ -175,7 +167,7 @@ def _grouped_bwd(tile_rows, dtype, residuals, dy_mn):
     dy_mn = dy_mn.astype(dtype)
     dx = _matmul_rows(dy_mn, w, schedule, tile_rows, dtype, transpose_w=True).astype(x_mk.dtype)
     dw_ekn = _weight_grad(x_mk.astype(dtype), dy_mn, w, schedule, tile_rows)
-    if isinstance(w, jax.Array):
+    if not isinstance(w, QuantizedWeight):
         dw = dw_ekn.astype(w.dtype)
     else:  # d/d scale of values * scale: the group sums of dW * values
         *lead, k, n = w.values.shape

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from k2jax import quant
-from k2jax.tiled_grouped import (default_tile_rows, tile_schedule, tiled_expert_swiglu,
-                                 tiled_grouped_matmul)
+from pallas_kernels.grouped_matmul.tiled import (default_tile_rows, tile_schedule,
+                                                 tiled_expert_swiglu, tiled_grouped_matmul)
 
 E, K, N, M = 5, 64, 96, 23
 GROUPS = {
