@@ -98,6 +98,25 @@ def fitting_tile(dim: int, preferred: int, align: int) -> int:
     return dim
 
 
+def int4_dims(x_mk: jax.Array, values_kn: jax.Array, scale_gn: jax.Array
+              ) -> tuple[int, int, int, int]:
+    """`(M, K, N, group)` of `x [M, K]` times INT4 `values [..., K, N] * scale [..., K/g, N]`:
+    the argument handling every INT4 kernel wrapper starts with."""
+    m, k = x_mk.shape
+    *_, k_values, n = values_kn.shape
+    groups = scale_gn.shape[-2]
+    if k_values != k or k % groups or scale_gn.shape[-1] != n:
+        raise ValueError(f"x {tuple(x_mk.shape)}, values {tuple(values_kn.shape)} and scale "
+                         f"{tuple(scale_gn.shape)} do not form x [M, K] @ [K, N], scale [K/g, N]")
+    return m, k, n, k // groups
+
+
+def check_tiles(config, k: int, n: int, group: int, k_splits: int = 1) -> None:
+    """Refuses block sizes that do not tile K (in `k_splits` parts) and N, or split a group."""
+    if k % (config.block_k * k_splits) or config.block_k % group or n % config.block_n:
+        raise ValueError(f"config {config} does not tile K={k}, N={n} with group {group}")
+
+
 def dequantize(values_kn: jax.Array, scale_gn: jax.Array, dtype) -> jax.Array:
     """`values int4 [..., K, N] * scale [..., K/g, N]` per group of g rows -> `[..., K, N]`.
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import dequantize, fitting_tile
+from pallas_kernels.common import check_tiles, dequantize, fitting_tile, int4_dims
 from pallas_kernels.grouped_matmul import tiling
 
 _LANES = 128
@@ -76,12 +76,10 @@ def grouped_int4_matmul(x_mk: jax.Array, values_ekn: jax.Array, scale_egn: jax.A
                         interpret: bool = False) -> jax.Array:
     """Rows of `x [M, K]` sorted by expert (`group_sizes [E]`, sum <= M) times `values int4
     [E, K, N] * scale [E, K/g, N]` -> `[M, N]` in x's dtype, zeros past the sum."""
-    m, k = x_mk.shape
-    num_experts, _, n = values_ekn.shape
-    group = k // scale_egn.shape[1]
+    m, k, n, group = int4_dims(x_mk, values_ekn, scale_egn)
+    num_experts = values_ekn.shape[0]
     cfg = config or default_config(m, k, n, num_experts, group)
-    if k % cfg.block_k or cfg.block_k % group or n % cfg.block_n:
-        raise ValueError(f"config {cfg} does not tile K={k}, N={n} with group {group}")
+    check_tiles(cfg, k, n, group)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     work = tiling.work_list(group_sizes_e, m, bm)
     last_k = k // bk - 1

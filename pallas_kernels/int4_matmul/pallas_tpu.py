@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.common import dequantize, fitting_tile
+from pallas_kernels.common import check_tiles, dequantize, fitting_tile, int4_dims
 
 _DECODE_MAX_M = 64
 _LANES = 128
@@ -64,12 +64,9 @@ def _kernel(x_ref, values_ref, scale_ref, out_ref, acc_ref):
 def int4_matmul(x_mk: jax.Array, values_kn: jax.Array, scale_gn: jax.Array, *,
                 config: Config | None = None, interpret: bool = False) -> jax.Array:
     """`x [M, K] @ (values int4 [K, N] * scale [K/g, N])` -> `[M, N]` in x's dtype."""
-    m, k = x_mk.shape
-    n = values_kn.shape[1]
-    group = k // scale_gn.shape[0]
+    m, k, n, group = int4_dims(x_mk, values_kn, scale_gn)
     cfg = config or default_config(m, k, n, group)
-    if k % cfg.block_k or cfg.block_k % group or n % cfg.block_n:
-        raise ValueError(f"config {cfg} does not tile K={k}, N={n} with group {group}")
+    check_tiles(cfg, k, n, group)
     bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
     return pl.pallas_call(
         _kernel,

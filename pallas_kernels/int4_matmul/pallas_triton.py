@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.common import dequantize, largest_pow2_divisor
+from pallas_kernels.common import check_tiles, dequantize, int4_dims, largest_pow2_divisor
 
 # Programs wanted in flight for decode: about two per SM on an H100/H200 (132 SMs).
 _TARGET_PROGRAMS = 256
@@ -79,13 +79,10 @@ def _kernel(x_ref, values_ref, scale_ref, out_ref, *, block_k: int, group: int):
 def int4_matmul(x_mk: jax.Array, values_kn: jax.Array, scale_gn: jax.Array, *,
                 config: Config | None = None, interpret: bool = False) -> jax.Array:
     """`x [M, K] @ (values int4 [K, N] * scale [K/g, N])` -> `[M, N]` in x's dtype."""
-    m, k = x_mk.shape
-    n = values_kn.shape[1]
-    group = k // scale_gn.shape[0]
+    m, k, n, group = int4_dims(x_mk, values_kn, scale_gn)
     cfg = config or default_config(m, k, n)
     splits = cfg.k_splits
-    if k % (cfg.block_k * splits) or cfg.block_k % group or n % cfg.block_n:
-        raise ValueError(f"config {cfg} does not tile K={k}, N={n} with group {group}")
+    check_tiles(cfg, k, n, group, splits)
     k_len = k // splits
     out_dtype = jnp.float32 if splits > 1 else x_mk.dtype
     partials = pl.pallas_call(

@@ -34,12 +34,10 @@ def route(router_logits_te: jax.Array, bias_e: jax.Array, *, top_k: int, n_group
     """See `reference.route`: weights float32 `[T, K]`, indices int32 `[T, K]`."""
     cfg = config or Config()
     tokens, num_experts = router_logits_te.shape
-    width, k_width = pl.next_power_of_2(num_experts), pl.next_power_of_2(top_k)
-    logits, bias = tile.pad_experts(router_logits_te, bias_e, width)
-    kernel = functools.partial(
-        tile.kernel, num_experts=num_experts, top_k=top_k, n_group=n_group, topk_group=topk_group,
-        norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor,
-        k_width=k_width)
+    width = pl.next_power_of_2(num_experts)
+    logits, bias, kernel, k_width = tile.prologue(
+        router_logits_te, bias_e, width, top_k=top_k, n_group=n_group, topk_group=topk_group,
+        norm_topk_prob=norm_topk_prob, routed_scaling_factor=routed_scaling_factor)
     bt = cfg.block_t
     weights, indices = pl.pallas_call(
         kernel,

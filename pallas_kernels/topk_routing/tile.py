@@ -12,8 +12,11 @@ sum taken left to right in selection order (as `reference.py`), so the results a
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 
 
 def _first_max(values, candidates, columns, width):
@@ -91,9 +94,15 @@ def kernel(logits_ref, bias_ref, weights_ref, indices_ref, **params):
     indices_ref[...] = indices
 
 
-def pad_experts(router_logits_te, bias_e, width: int):
-    """float32 logits `[T, width]` (padding 0) and bias `[1, width]` (padding -inf)."""
-    pad = width - router_logits_te.shape[1]
+def prologue(router_logits_te, bias_e, width: int, *, top_k: int, **params):
+    """What both backends' wrappers start with: float32 logits `[T, width]` (padding 0), bias
+    `[1, width]` (padding -inf), the Pallas body bound to the routing parameters, and the
+    outputs' width `k_width` (top_k up to a power of two)."""
+    num_experts = router_logits_te.shape[1]
+    pad = width - num_experts
     logits = jnp.pad(router_logits_te.astype(jnp.float32), ((0, 0), (0, pad)))
     bias = jnp.pad(bias_e.astype(jnp.float32), (0, pad), constant_values=-jnp.inf)
-    return logits, bias[None, :]
+    k_width = pl.next_power_of_2(top_k)
+    body = functools.partial(kernel, num_experts=num_experts, top_k=top_k, k_width=k_width,
+                             **params)
+    return logits, bias[None, :], body, k_width
