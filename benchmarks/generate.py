@@ -90,13 +90,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def stored_bytes(leaf) -> int:
+    """Bytes of an array as the format stores it: int4 two values to a byte."""
+    if leaf.dtype == jnp.int4:
+        return leaf.size // 2
+    return leaf.size * leaf.dtype.itemsize
+
+
 def decode_bytes(config, params, batch: int, context: int, cache_itemsize: int) -> int:
     """Bytes a decode step of `batch` rows must read: the weights it uses (the routed experts
     expected to be chosen by at least one row under uniform routing, E(1 - (1 - K/E)^B), one
     embedding row per row) and the rows' latent cache."""
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    total = sum(leaf.nbytes for _, leaf in leaves)
-    experts = sum(leaf.nbytes for path, leaf in leaves
+    total = sum(stored_bytes(leaf) for _, leaf in leaves)
+    experts = sum(stored_bytes(leaf) for path, leaf in leaves
                   if "experts" in jax.tree_util.keystr(path)
                   and "shared_experts" not in jax.tree_util.keystr(path))
     chosen = 1 - (1 - config.num_experts_per_tok / config.n_routed_experts) ** batch

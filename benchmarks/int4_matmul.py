@@ -100,9 +100,9 @@ def measure(methods: dict, args: tuple, reps: int) -> dict[str, float | str]:
     return times
 
 
-def dense_rows(ms, reps, accelerator, bandwidth):
+def dense_rows(ms, reps, accelerator, bandwidth, shapes=SHAPES):
     rows = []
-    for label, (k, n) in SHAPES.items():
+    for label, (k, n) in shapes.items():
         values, scale = random_weights(jax.random.key(0), (k, n))
         w_bf16 = dequantize(values, scale, jnp.bfloat16)
         for m in ms:
@@ -119,10 +119,10 @@ def dense_rows(ms, reps, accelerator, bandwidth):
     return rows
 
 
-def grouped_rows(tokens_list, experts, reps, accelerator, bandwidth):
+def grouped_rows(tokens_list, experts, reps, accelerator, bandwidth, shapes=SHAPES):
     rows = []
     rng = np.random.default_rng(0)
-    for label, (k, n) in SHAPES.items():
+    for label, (k, n) in shapes.items():
         values, scale = random_weights(jax.random.key(1), (experts, k, n))
         w_bf16 = dequantize(values, scale, jnp.bfloat16)
         for tokens in tokens_list:
@@ -140,14 +140,16 @@ def grouped_rows(tokens_list, experts, reps, accelerator, bandwidth):
                     x, QuantizedWeight(v, s), g, impl="pallas")
             if tokamax is not None:
                 methods["tokamax"] = tokamax_call
-            rows.append(_row(f"grouped E={experts} {label}", m, k, n, experts,
+            # The kernels read only the experts some token is routed to.
+            hit = int(np.count_nonzero(np.asarray(sizes)))
+            rows.append(_row(f"grouped E={experts} {label}", m, k, n, hit,
                              measure(methods, (x, values, scale, sizes), reps), bandwidth))
     return rows
 
 
 def _row(case, m, k, n, experts, times, bandwidth):
     nbytes = weight_bytes(k, n, experts)
-    return {"case": case, "M": m, "K": k, "N": n, "times_us": times,
+    return {"case": case, "M": m, "K": k, "N": n, "experts_hit": experts, "times_us": times,
             "roofline_us": {name: round(b / bandwidth * 1e6, 1) for name, b in nbytes.items()}}
 
 

@@ -1,41 +1,25 @@
-"""Every Pallas kernel lowers for its real target at Kimi K2 shapes, on a CPU-only machine.
-
-`jax.export` for `tpu` runs the Mosaic lowering and for `cuda` the Triton lowering, which
-reject what the hardware would (block shapes, unsupported ops, int4 layouts). The exported
-modules are also checked to hold the kernel's custom call and no bf16 copy of a weight: the
+"""Every Pallas kernel lowers for its real target at Kimi K2 shapes, on a CPU-only machine
+(`pallas_kernels.lowering`: Triton for `cuda`, Mosaic for `tpu`). The exported modules are
+also checked to hold the kernel's custom call and no bf16 copy of a weight: the
 dequantized weight exists only in registers / VMEM.
 """
+
+import json
 
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import AbstractDevice, AbstractMesh
 
 from pallas_kernels.attention import api as attention_api
 from pallas_kernels.attention.paged import paged_latent_attention
 from pallas_kernels.grouped_matmul import grouped_matmul
 from pallas_kernels.int4_matmul import int4_matmul
+from pallas_kernels.lowering import KERNEL_CALL, export, kernel_platform
 from pallas_kernels.quantized import QuantizedWeight
 from pallas_kernels.topk_routing import route
 
-TRITON_CALL = "__gpu$xla.gpu.triton"
-MOSAIC_CALL = "tpu_custom_call"
-# Kernels that ask for chip information find it on this abstract device.
-TPU_MESH = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
-    device_kind="TPU v5 lite", num_cores=1, platform="tpu"))
-
-
-def _export(fn, args, platform):
-    if platform == "cuda":
-        return jax.export.export(
-            jax.jit(fn), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(TRITON_CALL)])(*args)
-    with jax.sharding.use_abstract_mesh(TPU_MESH):
-        return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args)
-
-
-def _kernel_platform(platform):
-    return "gpu" if platform == "cuda" else "tpu"
+TRITON_CALL, MOSAIC_CALL = KERNEL_CALL["cuda"], KERNEL_CALL["tpu"]
+_export, _kernel_platform = export, kernel_platform
 
 
 def _assert_kernel_without_bf16_weight(exported, platform, weight_shape):
@@ -117,3 +101,16 @@ def test_paged_latent_attention_lowers_at_k2_shapes(platform, b, t, width):
     text = _export(fn, args, platform).mlir_module()
     assert (TRITON_CALL if platform == "cuda" else MOSAIC_CALL) in text
     assert f"{b}x{width * page}x512" not in text  # no gathered context
+
+
+def test_device_check_lowers_every_kernel_on_this_host(tmp_path, capsys):
+    """`python -m benchmarks.device_check` without an accelerator: every kernel lowered for both
+    targets, one table, JSON when asked, exit status 0."""
+    from benchmarks import device_check
+
+    assert device_check.main(["--json", str(tmp_path / "check.json")]) == 0
+    rows = json.loads((tmp_path / "check.json").read_text())["lowering"]
+    assert {r["platform"] for r in rows} == {"cuda", "tpu"}
+    assert len(rows) == 2 * len(device_check.cases(small=False))
+    assert all(r["status"] == "ok" for r in rows), rows
+    assert "FAILED" not in capsys.readouterr().out
