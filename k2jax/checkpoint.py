@@ -87,8 +87,9 @@ def _not_a_checkpoint(path: str) -> str:
             "an interrupted `k2jax convert` finishes when run again)")
 
 
-def save(path: str | os.PathLike, config: ModelConfig, params) -> None:
-    """Writes `params` (the tree of `k2jax.param_shapes(config)`) and `config` to `path`.
+def save(path: str | os.PathLike, config: ModelConfig, params, files=()) -> None:
+    """Writes `params` (the tree of `k2jax.param_shapes(config)`) and `config` to `path`,
+    with copies of `files` (paths, e.g. the tokenizer's) beside `config.json`.
 
     The checkpoint is assembled in `path.partial` and renamed into place once complete.
     """
@@ -106,6 +107,8 @@ def save(path: str | os.PathLike, config: ModelConfig, params) -> None:
     with ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_zarr3=True)) as ckptr:
         ckptr.save(os.path.join(partial, PARAMS_DIR), args=ocp.args.PyTreeSave(params))
     if primary:
+        for file in files:
+            shutil.copyfile(file, os.path.join(partial, os.path.basename(file)))
         write_json_atomic(os.path.join(partial, CONFIG_FILE), config_to_json(config))
         os.rename(partial, path)
     _sync_hosts(f"k2jax.checkpoint.save:{path}:done")

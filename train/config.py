@@ -40,7 +40,8 @@ class TrainConfig:
     optimizer state are always float32); `remat_policy` a `jax.checkpoint_policies` name.
     Data: `data` a JSONL file (see `train.data`); `tokenizer` "bytes" or a `tiktoken.model`
     path (default: the checkpoint's own `tiktoken.model`; bytes for a preset); `batch_size` rows
-    of `seq_len` tokens per optimizer step, split into `grad_accum` micro-batches.
+    of `seq_len` tokens per optimizer step, split into `grad_accum` micro-batches;
+    `whole_documents` pads a row rather than split a document that fits in one across two.
     Optimizer: AdamW, or Muon for the linear kernels with AdamW for the rest; linear warmup to
     `learning_rate` then cosine decay to `min_lr_ratio * learning_rate` at step `decay_steps`
     (None: `steps`; a resumed run keeps its first run's value, so that `steps` can grow
@@ -61,6 +62,7 @@ class TrainConfig:
     compute_dtype: str = "bfloat16"
     remat_policy: str | None = None
     seq_len: int = 128
+    whole_documents: bool = False
     batch_size: int = 8
     grad_accum: int = 1
     steps: int = 100
@@ -97,6 +99,8 @@ class TrainConfig:
                      "keep_checkpoints", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) > 0,
                  f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        need(isinstance(self.whole_documents, bool),
+             f"whole_documents must be true or false, got {self.whole_documents!r}")
         need(self.batch_size % self.grad_accum == 0,
              f"batch_size={self.batch_size} is not divisible by grad_accum={self.grad_accum}")
         need(self.optimizer in OPTIMIZERS, f"optimizer must be one of {OPTIMIZERS}")

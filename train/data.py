@@ -13,7 +13,10 @@ A document of n tokens gives n-1 (input, target) pairs. Pairs are packed back to
 `seq_len`: each piece of a document in a row gets its own segment id (1, 2, ... within the row;
 attention never crosses segments) and positions restarting at 0. A document that does not fit
 continues in the next row as a new piece. Rows are always full: the stream wraps into the next
-epoch, whose document order is a fresh permutation drawn from `(seed, epoch)`.
+epoch, whose document order is a fresh permutation drawn from `(seed, epoch)`. With
+`whole_documents`, a document that fits a row but not what is left of it starts the next row
+instead, and the rest of the row is padding (segment id 0, weight 0): every trained token then
+sees its whole document, at the price of the padding (documents longer than a row still split).
 
 `JsonlCorpus.validate` encodes every record once before a run starts, so that a bad line is
 reported as `PATH:LINE: what is wrong` in seconds, before anything is compiled or written.
@@ -38,7 +41,7 @@ import numpy as np
 
 from k2jax.text import chat_template
 from k2jax.text import special_tokens as st
-from k2jax.text.tokenizer import K2Tokenizer
+from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME, TOKENIZER_CONFIG_FILE_NAME, K2Tokenizer
 
 BATCH_FIELDS = ("tokens", "targets", "weights", "segment_ids", "positions")
 
@@ -67,6 +70,18 @@ def load_tokenizer(spec: str | None, checkpoint: str | None = None) -> K2Tokeniz
     if not os.path.exists(spec):
         raise DataError(f"tokenizer {spec}: no such file or directory")
     return K2Tokenizer.from_file(spec)
+
+
+def tokenizer_files(spec: str | None, checkpoint: str | None = None) -> list[str]:
+    """The files of the tokenizer `load_tokenizer(spec, checkpoint)` reads (none for bytes):
+    its `tiktoken.model` and the `tokenizer_config.json` beside it, if any. An export carries
+    them, so that it serves with the vocabulary it was trained on."""
+    spec = spec if spec is not None else checkpoint
+    if spec is None or spec == "bytes":
+        return []
+    model = os.path.join(spec, TIKTOKEN_FILE_NAME) if os.path.isdir(spec) else spec
+    config = os.path.join(os.path.dirname(model), TOKENIZER_CONFIG_FILE_NAME)
+    return [model] + ([config] if os.path.isfile(config) else [])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,8 +247,9 @@ class Packer:
 
     def __init__(self, corpus: JsonlCorpus, seq_len: int, seed: int,
                  position: DataPosition = DataPosition(), *, stream: int = 0,
-                 num_streams: int = 1):
+                 num_streams: int = 1, whole_documents: bool = False):
         self.corpus, self.seq_len, self.seed = corpus, seq_len, seed
+        self.whole_documents = whole_documents
         self.position = position
         self.stream, self.num_streams = stream, num_streams
         self._epoch_order: tuple[int, np.ndarray] | None = None
@@ -259,7 +275,10 @@ class Packer:
             filled, segment, idle = 0, 0, 0
             while filled < t:
                 doc = self.corpus.document(int(order[index]))
-                take = min(t - filled, len(doc.tokens) - 1 - offset)
+                pairs = len(doc.tokens) - 1 - offset
+                if self.whole_documents and filled and t - filled < pairs <= t:
+                    break  # it starts the next row; the rest of this one is padding
+                take = min(t - filled, pairs)
                 if take > 0:
                     segment += 1
                     piece = slice(filled, filled + take)
@@ -302,10 +321,11 @@ class BatchStreams:
     this process packs `rows` (default all), the others stay zero."""
 
     def __init__(self, corpus: JsonlCorpus, seq_len: int, seed: int, batch_size: int,
-                 rows=None):
+                 rows=None, whole_documents: bool = False):
         self.corpus, self.seq_len, self.seed, self.batch_size = corpus, seq_len, seed, batch_size
         rows = range(batch_size) if rows is None else sorted(rows)
-        self.packers = {r: Packer(corpus, seq_len, seed, stream=r, num_streams=batch_size)
+        self.packers = {r: Packer(corpus, seq_len, seed, stream=r, num_streams=batch_size,
+                                  whole_documents=whole_documents)
                         for r in rows}
 
     def next_batch(self) -> dict[str, np.ndarray]:

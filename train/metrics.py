@@ -5,6 +5,8 @@ A JSONL record holds `step`, `loss`, `balance_loss`, `grad_norm`, `learning_rate
 (trained target tokens), `step_seconds`, `tokens_per_second` (all input tokens), `mfu` (null
 where the accelerator's peak is unknown, e.g. on CPU), `expert_load` (`[L_moe][E]` token copies)
 and `expert_load_max_over_mean` per MoE layer; with QK-clip also `max_logit` and `clipped_heads`.
+The same scalars go to TensorBoard event files in `OUT/tensorboard/` (`tensorboard --logdir
+OUT`), the load imbalance as one `expert_load_max_over_mean/layer_I` scalar per MoE layer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import numpy as np
 from k2jax.config import ModelConfig
 
 # Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
+TENSORBOARD_DIR = "tensorboard"
+
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
@@ -64,8 +68,19 @@ class MetricsLog:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.quiet = quiet
         self.primary = jax.process_index() == 0
+        self.events = None
         if self.primary:
             self._truncate(resume_step or 0)
+            from tensorboardX import SummaryWriter
+
+            # purge_step hides the events a resumed run logs again, as _truncate does.
+            self.events = SummaryWriter(os.path.join(run_dir, TENSORBOARD_DIR),
+                                        purge_step=resume_step + 1 if resume_step else None)
+
+    def close(self) -> None:
+        if self.events is not None:
+            self.events.close()
+            self.events = None
 
     def _truncate(self, last_step: int) -> None:
         """Drops records past `last_step`: a resumed run logs those steps again."""
@@ -82,6 +97,7 @@ class MetricsLog:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._write_events(record)
         if not self.quiet:
             mfu = f" | mfu {100 * record['mfu']:.1f}%" if record.get("mfu") is not None else ""
             clip = (f" | max logit {record['max_logit']:.1f}" if "max_logit" in record else "")
@@ -89,6 +105,15 @@ class MetricsLog:
                   f"{record['grad_norm']:.3f} | lr {record['learning_rate']:.2e} | "
                   f"{record['tokens_per_second']:,.0f} tok/s{mfu}{clip} | expert load max/mean "
                   f"{max(record['expert_load_max_over_mean'], default=0):.2f}", flush=True)
+
+    def _write_events(self, record: dict) -> None:
+        step = record["step"]
+        for name, value in record.items():
+            if name != "step" and isinstance(value, (int, float)):
+                self.events.add_scalar(name, value, step)
+        for layer, value in enumerate(record.get("expert_load_max_over_mean", [])):
+            self.events.add_scalar(f"expert_load_max_over_mean/layer_{layer}", value, step)
+        self.events.flush()
 
 
 def record(step: int, metrics: dict, seconds: float, tokens_per_step: int,

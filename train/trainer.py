@@ -87,7 +87,8 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
             state_sh, batch_sh = program.state_shardings, program.batch_shardings
             micro_shape = (cfg.grad_accum, cfg.batch_size // cfg.grad_accum, cfg.seq_len)
             packer = data.BatchStreams(corpus, cfg.seq_len, cfg.seed, cfg.batch_size,
-                                       train_mesh.local_rows(batch_sh["tokens"], micro_shape))
+                                       train_mesh.local_rows(batch_sh["tokens"], micro_shape),
+                                       whole_documents=cfg.whole_documents)
             step = _start_step(cfg, ckpts, resume, quiet)
             if jax.process_index() == 0:
                 cfg.save(cfg.out)  # from here on, even a run stopped at step 0 can resume
@@ -101,15 +102,19 @@ def _train(cfg: TrainConfig, resume: bool, quiet: bool, stop) -> tuple[dict, int
                                       state_sh)
             log = metrics_lib.MetricsLog(cfg.out, step, quiet)
             last = {}
-            # Checked before the wait for the compilation; a complete run only exports.
-            if not stop.received and step < cfg.steps:
-                compiled = program.lower().compile()
-                state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts, log,
-                                          model_config, step, stop)
+            try:
+                # Checked before the wait for the compilation; a complete run only exports.
+                if not stop.received and step < cfg.steps:
+                    compiled = program.lower().compile()
+                    state, last, step = _loop(cfg, compiled, state, packer, batch_sh, ckpts,
+                                              log, model_config, step, stop)
+            finally:
+                log.close()
     finally:
         ckpts.close()
     if cfg.export and not stop.received:
-        export(state["params"], config, qat_groups, cfg.export)
+        export(state["params"], config, qat_groups, cfg.export,
+               data.tokenizer_files(cfg.tokenizer, cfg.checkpoint))
         if not quiet:
             print(f"exported {cfg.export} (INT4: {', '.join(qat_groups) or 'none'})", flush=True)
     return last, step
@@ -169,8 +174,9 @@ def _loop(cfg, compiled, state, packer, batch_sh, ckpts, log, model_config, star
     return state, last, done
 
 
-def export(master, config: ModelConfig, qat_groups, path: str) -> None:
-    """Writes the trained model to `path` as a k2jax checkpoint (QAT groups INT4)."""
+def export(master, config: ModelConfig, qat_groups, path: str, files=()) -> None:
+    """Writes the trained model to `path` as a k2jax checkpoint (QAT groups INT4), with copies
+    of `files` (the tokenizer's) beside its config."""
     out_config = qat.export_config(config, qat_groups, config.dtype)
     params = jax.jit(lambda m: qat.export_params(m, config, qat_groups, config.dtype)[1])(master)
-    checkpoint.save(os.path.abspath(path), out_config, params)
+    checkpoint.save(os.path.abspath(path), out_config, params, files)

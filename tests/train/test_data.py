@@ -41,6 +41,35 @@ def test_rows_pack_documents_with_segments_and_restarting_positions(corpus):
     np.testing.assert_array_equal(rows["weights"], 1.0)
 
 
+def test_whole_documents_pad_rows_instead_of_splitting(corpus):
+    """Pair counts are 4, 11, 2, 26, 8, 1, 15: with rows of 16, only the 26-pair document is
+    longer than a row, so it alone is split; every other document lies in one row."""
+    seq_len, rows_wanted = 16, 12
+    rows = data.Packer(corpus, seq_len=seq_len, seed=0, whole_documents=True).rows(rows_wanted)
+    order = np.concatenate([np.random.default_rng([0, epoch]).permutation(len(corpus))
+                            for epoch in range(3)])
+    pieces = []
+    for r in range(rows_wanted):
+        seg = rows["segment_ids"][r]
+        used = int((seg > 0).sum())
+        assert np.all(seg[:used] > 0) and np.all(seg[used:] == 0)  # padding only at the end
+        assert np.all(rows["weights"][r, used:] == 0)
+        pieces += [int((seg == s).sum()) for s in range(1, int(seg.max()) + 1)]
+    expected, free = [], seq_len  # pieces in order; what is left of the current row
+    for i in order:
+        pairs = len(corpus.document(int(i)).tokens) - 1
+        if free < pairs <= seq_len:
+            free = seq_len
+        while pairs:
+            take = min(free, pairs)
+            expected.append(take)
+            pairs, free = pairs - take, free - take or seq_len
+    assert pieces == expected[:len(pieces)] and len(pieces) > len(corpus)
+    # A row padded because the next document did not fit: the row after starts with it whole.
+    split = data.Packer(corpus, seq_len=seq_len, seed=0).rows(rows_wanted)
+    assert (split["segment_ids"] > 0).all() and not (rows["segment_ids"] > 0).all()
+
+
 def test_one_epoch_packs_every_pair_once_in_shuffled_order(corpus):
     tok = data.byte_tokenizer()
     pairs = sum(len(corpus.document(i).tokens) - 1 for i in range(len(corpus)))

@@ -1,0 +1,137 @@
+"""The thinking agent's pipeline, stage by stage, each handing the next an artifact on disk:
+
+    corpus + tokenizer   DIR/corpus.jsonl, DIR/tokenizer/tiktoken.model  (examples.agent_tasks)
+    train                `k2jax train --preset agent ...`, INT4 QAT on the routed experts or
+                         none; exports DIR/NAME (the tokenizer travels with it)
+    quantize             a float export's routed experts rounded to INT4 after training (PTQ)
+    round trip           `k2jax convert --to hf`, then back to Orbax; every leaf bit-exact
+    serve                `k2jax serve --checkpoint ...` on a free loopback port
+
+`benchmarks/agent.py` runs it at full size and compares the three models; the CI test runs it
+shortened. Stages call the `k2jax` command's own entry point (`cli.command.main`), in this
+process or as a subprocess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+from examples import agent_tasks
+
+PRESET = "agent"
+QAT_GROUPS = ("routed_experts",)
+
+
+def k2jax(*argv: str) -> None:
+    """Runs one `k2jax` command in this process; raises if it fails."""
+    from cli.command import main
+
+    status = main([str(a) for a in argv])
+    if status:
+        raise RuntimeError(f"k2jax {' '.join(map(str, argv))} exited with status {status}")
+
+
+def prepare(directory: str, count: int, seed: int = 0) -> tuple[str, str]:
+    """Writes the training corpus and its tokenizer; returns their paths."""
+    from k2jax import ModelConfig
+
+    os.makedirs(directory, exist_ok=True)
+    corpus = os.path.join(directory, "corpus.jsonl")
+    agent_tasks.write_corpus(corpus, count, seed)
+    tokenizer = agent_tasks.write_tokenizer(os.path.join(directory, "tokenizer"),
+                                            ModelConfig.preset(PRESET).vocab_size)
+    return corpus, tokenizer
+
+
+def train_arguments(corpus: str, tokenizer: str, run_dir: str, export: str, *, qat: bool,
+                    steps: int, batch_size: int = 16, seq_len: int = 512,
+                    learning_rate: float = 3e-3, warmup_steps: int = 20) -> list[str]:
+    """`k2jax train` arguments of one run (float32 compute: the CPU has no fast bf16)."""
+    return ["train", "--preset", PRESET, "--data", corpus, "--tokenizer", tokenizer,
+            "--out", run_dir, "--export", export, "--steps", str(steps),
+            "--batch-size", str(batch_size), "--seq-len", str(seq_len), "--whole-documents",
+            "--learning-rate", str(learning_rate), "--warmup-steps", str(warmup_steps),
+            "--compute-dtype", "float32", "--qat", ",".join(QAT_GROUPS) if qat else "none",
+            "--checkpoint-every", str(steps), "--log-every", "5", "--quiet"]
+
+
+def quantize(source: str, destination: str, groups=QAT_GROUPS) -> None:
+    """Post-training quantization: `source`'s `groups` rounded to INT4 (the export's own
+    rounding), saved with its tokenizer as a new checkpoint."""
+    import k2jax
+    from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME
+    from train import qat
+
+    config, params = k2jax.load(source)
+    out_config, out_params = qat.export_params(params, config, groups, config.dtype)
+    k2jax.save(destination, out_config, out_params,
+               files=[os.path.join(source, TIKTOKEN_FILE_NAME)])
+
+
+def round_trip(source: str, hub_dir: str, back: str) -> None:
+    """`k2jax convert --to hf source hub_dir` and `k2jax convert hub_dir back`; raises unless
+    every leaf of `back` equals `source`'s bit for bit."""
+    import jax
+    import numpy as np
+
+    import k2jax as model_lib
+
+    k2jax("convert", "--to", "hf", "--no-progress", source, hub_dir)
+    k2jax("convert", "--no-progress", hub_dir, back)
+    (config_a, params_a), (config_b, params_b) = model_lib.load(source), model_lib.load(back)
+    if config_a != config_b:
+        raise AssertionError(f"{back}: config differs from {source}'s")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params_a),
+                            jax.tree.leaves(params_b)):
+        a, b = np.asarray(a), np.asarray(b)
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            raise AssertionError(f"{back}: {jax.tree_util.keystr(path)} differs from {source}'s")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(checkpoint: str, *, max_batch: int = 8, timeout: float = 300.0, log=None):
+    """`k2jax serve --checkpoint CHECKPOINT` in a subprocess; yields its `/v1` base URL once
+    `/health` answers, and stops it on exit."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from cli.command import main; sys.exit(main())",
+         "serve", "--checkpoint", checkpoint,
+         "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
+        stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"k2jax serve --checkpoint {checkpoint} exited with status "
+                                   f"{process.returncode}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as response:
+                    if json.load(response).get("status") == "ok":
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"k2jax serve did not answer /health in {timeout:.0f} s")
+            time.sleep(0.5)
+        yield url + "/v1"
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
