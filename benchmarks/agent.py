@@ -55,11 +55,12 @@ def plot(curves: dict[str, list[tuple[int, float]]], path: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", default="runs/agent", help="work directory (replaced)")
+    parser.add_argument("--dir", default="runs/agent-benchmark",
+                        help="work directory (replaced)")
     parser.add_argument("--count", type=int, default=4000, help="training conversations")
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--tasks", type=int, default=50, help="held-out tasks per model")
     _results.add_arguments(parser, "agent")
     args = parser.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"{row['model']:<30} {100 * row['success']:>7.1f}% {row['tool_calls']:>6}  "
               + " ".join(f"{100 * row['by_kind'].get(k, 0):>10.0f}%" for k in kinds))
-    print(f"\ntraining ({args.steps} steps of {args.batch_size} x 512 tokens): QAT "
+    print(f"\ntraining ({args.steps} steps of {args.batch_size} x 448 tokens): QAT "
           f"{seconds['qat']:.0f} s, float {seconds['float']:.0f} s; final loss QAT "
           f"{curves['INT4 QAT'][-1][1]:.4f}, float {curves['float'][-1][1]:.4f}")
     print(f"loss curves: {figure or 'not plotted (pip install matplotlib)'}")

@@ -8,8 +8,8 @@
     serve                `k2jax serve --checkpoint ...` on a free loopback port
 
 `benchmarks/agent.py` runs it at full size and compares the three models; the CI test runs it
-shortened. Stages call the `k2jax` command's own entry point (`cli.command.main`), in this
-process or as a subprocess.
+shortened. Each stage runs the `k2jax` command's own entry point (`cli.command.main`) in a
+subprocess, as a user's shell would.
 """
 
 from __future__ import annotations
@@ -29,17 +29,22 @@ PRESET = "agent"
 QAT_GROUPS = ("routed_experts",)
 
 
-def k2jax(*argv: str) -> None:
-    """Runs one `k2jax` command in this process; raises if it fails."""
-    from cli.command import main
+K2JAX = [sys.executable, "-c", "import sys; from cli.command import main; sys.exit(main())"]
 
-    status = main([str(a) for a in argv])
-    if status:
-        raise RuntimeError(f"k2jax {' '.join(map(str, argv))} exited with status {status}")
+
+def k2jax(*argv: str, env=None, timeout: float | None = None) -> None:
+    """Runs one `k2jax` command as a subprocess (`env`: its environment); raises if it fails,
+    with its output."""
+    done = subprocess.run(K2JAX + [str(a) for a in argv], env=env, timeout=timeout,
+                          capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"k2jax {' '.join(map(str, argv))} exited with status "
+                           f"{done.returncode}:\n{done.stdout[-2000:]}{done.stderr[-4000:]}")
 
 
 def prepare(directory: str, count: int, seed: int = 0) -> tuple[str, str]:
-    """Writes the training corpus and its tokenizer; returns their paths."""
+    """Writes the training corpus and its tokenizer (`python -m examples.agent_tasks DIR`);
+    returns their paths."""
     from k2jax import ModelConfig
 
     os.makedirs(directory, exist_ok=True)
@@ -51,8 +56,8 @@ def prepare(directory: str, count: int, seed: int = 0) -> tuple[str, str]:
 
 
 def train_arguments(corpus: str, tokenizer: str, run_dir: str, export: str, *, qat: bool,
-                    steps: int, batch_size: int = 16, seq_len: int = 512,
-                    learning_rate: float = 3e-3, warmup_steps: int = 20) -> list[str]:
+                    steps: int, batch_size: int = 4, seq_len: int = 448,
+                    learning_rate: float = 5e-3, warmup_steps: int = 30) -> list[str]:
     """`k2jax train` arguments of one run (float32 compute: the CPU has no fast bf16)."""
     return ["train", "--preset", PRESET, "--data", corpus, "--tokenizer", tokenizer,
             "--out", run_dir, "--export", export, "--steps", str(steps),
@@ -75,7 +80,8 @@ def quantize(source: str, destination: str, groups=QAT_GROUPS) -> None:
                files=[os.path.join(source, TIKTOKEN_FILE_NAME)])
 
 
-def round_trip(source: str, hub_dir: str, back: str) -> None:
+def round_trip(source: str, hub_dir: str, back: str, env=None,
+               timeout: float | None = None) -> None:
     """`k2jax convert --to hf source hub_dir` and `k2jax convert hub_dir back`; raises unless
     every leaf of `back` equals `source`'s bit for bit."""
     import jax
@@ -83,8 +89,8 @@ def round_trip(source: str, hub_dir: str, back: str) -> None:
 
     import k2jax as model_lib
 
-    k2jax("convert", "--to", "hf", "--no-progress", source, hub_dir)
-    k2jax("convert", "--no-progress", hub_dir, back)
+    k2jax("convert", "--to", "hf", "--no-progress", source, hub_dir, env=env, timeout=timeout)
+    k2jax("convert", "--no-progress", hub_dir, back, env=env, timeout=timeout)
     (config_a, params_a), (config_b, params_b) = model_lib.load(source), model_lib.load(back)
     if config_a != config_b:
         raise AssertionError(f"{back}: config differs from {source}'s")
@@ -102,15 +108,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def serving(checkpoint: str, *, max_batch: int = 8, timeout: float = 300.0, log=None):
+def serving(checkpoint: str, *, max_batch: int = 8, timeout: float = 300.0, log=None,
+            env=None):
     """`k2jax serve --checkpoint CHECKPOINT` in a subprocess; yields its `/v1` base URL once
     `/health` answers, and stops it on exit."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from cli.command import main; sys.exit(main())",
-         "serve", "--checkpoint", checkpoint,
-         "--port", str(port), "--max-batch", str(max_batch), "--log-level", "warning"],
-        stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        K2JAX + ["serve", "--checkpoint", checkpoint, "--port", str(port),
+                 "--max-batch", str(max_batch), "--log-level", "warning"],
+        stdout=log or subprocess.DEVNULL, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout

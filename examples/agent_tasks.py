@@ -26,7 +26,6 @@ import hashlib
 import json
 import random
 import re
-from typing import Any
 
 # 144 invented city names, two syllables each.
 CITIES = tuple(a + b for a in ("Ar", "Bel", "Cal", "Dun", "El", "Far", "Gal", "Har", "Is", "Jor",
@@ -308,18 +307,25 @@ def write_tokenizer(directory: str, vocab_size: int, sample: int = 200) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     import argparse
+    import os
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("out", help="JSONL file to write")
-    parser.add_argument("--count", type=int, default=4000)
+    parser = argparse.ArgumentParser(
+        description="Writes DIR/corpus.jsonl (training conversations) and "
+                    "DIR/tokenizer/tiktoken.model (a BPE learned on them).")
+    parser.add_argument("dir", help="output directory")
+    parser.add_argument("--count", type=int, default=4000, help="training conversations")
+    parser.add_argument("--vocab-size", type=int, default=1024,
+                        help="ids in all, K2's 256 control tokens included (the agent preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write_corpus(args.out, args.count, args.seed)
-    print(f"wrote {args.count} training conversations to {args.out}")
+    os.makedirs(args.dir, exist_ok=True)
+    corpus = os.path.join(args.dir, "corpus.jsonl")
+    write_corpus(corpus, args.count, args.seed)
+    tokenizer = write_tokenizer(os.path.join(args.dir, "tokenizer"), args.vocab_size)
+    print(f"wrote {args.count} training conversations to {corpus} and their tokenizer to "
+          f"{tokenizer}")
 
 
 if __name__ == "__main__":
     main()
 
-
-__all__: list[Any] = ["TOOLS", "Task", "tasks", "grade", "run_tool", "write_corpus"]

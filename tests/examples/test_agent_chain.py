@@ -19,6 +19,9 @@ import pytest
 from examples import agent, agent_pipeline as pipeline, agent_tasks
 
 STEPS = 60
+# The stages run as `k2jax` subprocesses on one CPU device, as a user's shell runs them (this
+# process forces eight for the sharding tests), each under a hard time limit.
+ONE_DEVICE = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 
 
 def _scalars(run_dir):
@@ -47,7 +50,7 @@ def test_train_export_convert_serve_and_run_the_agent(tmp_path):
     run, export = tmp_path / "run", tmp_path / "qat-int4"
     pipeline.k2jax(*pipeline.train_arguments(
         str(corpus), tokenizer, str(run), str(export), qat=True, steps=STEPS, batch_size=8,
-        learning_rate=3e-3, warmup_steps=5))
+        learning_rate=3e-3, warmup_steps=5), env=ONE_DEVICE, timeout=300)
     losses = [json.loads(line)["loss"] for line in open(run / "metrics.jsonl")]
     assert losses[-1] < 0.05 * losses[0]
     events = _scalars(str(run))
@@ -57,11 +60,12 @@ def test_train_export_convert_serve_and_run_the_agent(tmp_path):
     assert (export / "tiktoken.model").read_bytes() == open(tokenizer, "rb").read()
 
     back = tmp_path / "qat-int4-back"
-    pipeline.round_trip(str(export), str(tmp_path / "hub"), str(back))  # raises unless bit-exact
+    pipeline.round_trip(str(export), str(tmp_path / "hub"), str(back),
+                        env=ONE_DEVICE, timeout=120)  # raises unless bit-exact
     assert (tmp_path / "hub" / "model.safetensors.index.json").exists() or any(
         p.suffix == ".safetensors" for p in (tmp_path / "hub").iterdir())
 
-    with pipeline.serving(str(back), max_batch=2, timeout=240) as url:
+    with pipeline.serving(str(back), max_batch=2, timeout=240, env=ONE_DEVICE) as url:
         client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
         model = client.models.list().data[0].id
         for task in learned:

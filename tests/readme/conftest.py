@@ -34,6 +34,19 @@ NOT_RUN = {
     "--preset tiny --data corpus.jsonl --mesh fsdp=4 --out runs/two & done; wait":
         "tests/multihost/test_train.py runs this two-process job (with a free port)",
 }
+_AGENT = "tests/examples/test_agent_chain.py runs the agent's chain, shortened"
+NOT_RUN.update({
+    "python -m examples.agent_tasks runs/agent": _AGENT,
+    "k2jax train --preset agent --data runs/agent/corpus.jsonl --tokenizer "
+    "runs/agent/tokenizer/tiktoken.model --steps 2000 --batch-size 4 --seq-len 448 "
+    "--whole-documents --learning-rate 5e-3 --warmup-steps 30 --compute-dtype float32 --qat "
+    "routed_experts --out runs/agent/run-qat --export runs/agent/qat-int4": _AGENT,
+    "k2jax convert --to hf runs/agent/qat-int4 runs/agent/qat-int4-hf": _AGENT,
+    "k2jax convert runs/agent/qat-int4-hf runs/agent/qat-int4-back": _AGENT,
+    "k2jax serve --checkpoint runs/agent/qat-int4-back --port 8000 &": _AGENT,
+    'python -m examples.agent "What is 7 times the population of Calder?"': _AGENT,
+    "python -m examples.agent --heldout 50": _AGENT,
+})
 TIMEOUT_S = 240
 
 
