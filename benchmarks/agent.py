@@ -58,25 +58,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", default="runs/agent-benchmark",
                         help="work directory (replaced)")
     parser.add_argument("--count", type=int, default=4000, help="training conversations")
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--learning-rate", type=float, default=5e-3)
     parser.add_argument("--tasks", type=int, default=50, help="held-out tasks per model")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the models DIR already holds; redo the stages after training")
     _results.add_arguments(parser, "agent")
     args = parser.parse_args(argv)
 
-    shutil.rmtree(args.dir, ignore_errors=True)
     path = lambda *names: os.path.join(args.dir, *names)  # noqa: E731
-    corpus, tokenizer = pipeline.prepare(args.dir, args.count)
-    seconds = {}
-    for name, qat in (("qat", True), ("float", False)):
-        began = time.perf_counter()
-        export = path("qat-int4" if qat else "float")
-        pipeline.k2jax(*pipeline.train_arguments(
-            corpus, tokenizer, path("run-" + name), export, qat=qat, steps=args.steps,
-            batch_size=args.batch_size, learning_rate=args.learning_rate))
-        seconds[name] = time.perf_counter() - began
-        print(f"trained {name} in {seconds[name]:.0f} s -> {export}", flush=True)
+    times = path("train_seconds.json")
+    if args.reuse and os.path.exists(times):
+        with open(times) as f:
+            seconds = json.load(f)
+        print(f"reusing the trained models in {args.dir}", flush=True)
+    else:
+        shutil.rmtree(args.dir, ignore_errors=True)
+        corpus, tokenizer = pipeline.prepare(args.dir, args.count)
+        seconds = {}
+        for name, qat in (("qat", True), ("float", False)):
+            began = time.perf_counter()
+            export = path("qat-int4" if qat else "float")
+            pipeline.k2jax(*pipeline.train_arguments(
+                corpus, tokenizer, path("run-" + name), export, qat=qat, steps=args.steps,
+                batch_size=args.batch_size, learning_rate=args.learning_rate))
+            seconds[name] = time.perf_counter() - began
+            print(f"trained {name} in {seconds[name]:.0f} s -> {export}", flush=True)
+        with open(times, "w") as f:
+            json.dump(seconds, f)
+    for stage in ("ptq-int4", "qat-int4-hf", "qat-int4-roundtrip"):
+        shutil.rmtree(path(stage), ignore_errors=True)
     pipeline.quantize(path("float"), path("ptq-int4"))
     pipeline.round_trip(path("qat-int4"), path("qat-int4-hf"), path("qat-int4-roundtrip"))
     print("round trip through the hub format: bit-exact", flush=True)

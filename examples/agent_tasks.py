@@ -28,10 +28,10 @@ import random
 import re
 
 # 144 invented city names, two syllables each.
-CITIES = tuple(a + b for a in ("Ar", "Bel", "Cal", "Dun", "El", "Far", "Gal", "Har", "Is", "Jor",
-                               "Kes", "Lom")
-               for b in ("den", "mora", "der", "mere", "stow", "row", "en", "low", "tra", "vik",
-                         "wick", "vale"))
+CITY_STARTS = ("Ar", "Bel", "Cal", "Dun", "El", "Far", "Gal", "Har", "Is", "Jor", "Kes", "Lom")
+CITY_ENDS = ("den", "mora", "der", "mere", "stow", "row", "en", "low", "tra", "vik", "wick",
+             "vale")
+CITIES = tuple(a + b for a in CITY_STARTS for b in CITY_ENDS)
 FIELDS = ("population", "elevation")
 UNITS = {("km", "m"): 1000, ("m", "km"): None, ("kg", "g"): 1000, ("g", "kg"): None,
          ("h", "min"): 60, ("min", "h"): None}
@@ -299,7 +299,11 @@ def write_tokenizer(directory: str, vocab_size: int, sample: int = 200) -> str:
     # Control tokens are single ids already; their texts would only waste merges. Digits stay
     # one token each: a number is then copied digit by digit with ten embeddings, which a small
     # model learns far sooner than hundreds of merged number tokens.
+    # A city likewise stays two tokens, its syllables, each shared by twelve cities.
     text = re.sub(r"<\|[a-z_]+\|>|\d", "\n", rendered)
+    text = re.sub("|".join(sorted(CITIES, key=len, reverse=True)),
+                  lambda m: next(f"{a}\n{m[0][len(a):]}" for a in CITY_STARTS
+                                 if m[0].startswith(a)), text)
     os.makedirs(directory, exist_ok=True)
     ranks = train_ranks(vocab_size - NUM_SPECIAL_SLOTS, text)
     return str(write_tiktoken_file(os.path.join(directory, "tiktoken.model"), ranks))
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                     "DIR/tokenizer/tiktoken.model (a BPE learned on them).")
     parser.add_argument("dir", help="output directory")
     parser.add_argument("--count", type=int, default=4000, help="training conversations")
-    parser.add_argument("--vocab-size", type=int, default=1024,
+    parser.add_argument("--vocab-size", type=int, default=768,
                         help="ids in all, K2's 256 control tokens included (the agent preset's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

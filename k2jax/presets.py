@@ -74,16 +74,16 @@ PRESETS = {
         rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=1024,
                                  mscale=1.0, mscale_all_dim=1.0),
         max_position_embeddings=4096, bos_token_id=1, eos_token_id=2),
-    # ~1.3M parameters, K2's layout at tiny widths, with a 1024-id vocabulary (768 BPE ranks and
+    # ~1.3M parameters, K2's layout at tiny widths, with a 768-id vocabulary (512 BPE ranks and
     # K2's 256 control-token slots): the thinking agent of `examples/` trains it on two CPU cores
     # in minutes.
     "agent": ModelConfig(
-        vocab_size=1024, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
+        vocab_size=768, hidden_size=128, intermediate_size=256, moe_intermediate_size=64,
         num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=64,
         kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
         n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=1, topk_group=1,
         norm_topk_prob=True, routed_scaling_factor=2.5, rope_theta=10000.0,
-        max_position_embeddings=2048, bos_token_id=768, eos_token_id=769),
+        max_position_embeddings=2048, bos_token_id=512, eos_token_id=513),
     # ~270M parameters (52M active per token), K2's shape ratios: the default demo and benchmarks.
     "small": ModelConfig(
         vocab_size=32768, hidden_size=1024, intermediate_size=2816, moe_intermediate_size=256,

@@ -45,7 +45,7 @@ def test_train_export_convert_serve_and_run_the_agent(tmp_path):
     learned = [t for t in agent_tasks.tasks("train", 5) if t.kind in ("lookup_calc", "compare")]
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(t.record()) + "\n" for t in learned))
-    tokenizer = agent_tasks.write_tokenizer(str(tmp_path / "tokenizer"), 1024)
+    tokenizer = agent_tasks.write_tokenizer(str(tmp_path / "tokenizer"), 768)
 
     run, export = tmp_path / "run", tmp_path / "qat-int4"
     pipeline.k2jax(*pipeline.train_arguments(

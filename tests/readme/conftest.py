@@ -38,7 +38,7 @@ _AGENT = "tests/examples/test_agent_chain.py runs the agent's chain, shortened"
 NOT_RUN.update({
     "python -m examples.agent_tasks runs/agent": _AGENT,
     "k2jax train --preset agent --data runs/agent/corpus.jsonl --tokenizer "
-    "runs/agent/tokenizer/tiktoken.model --steps 2000 --batch-size 4 --seq-len 448 "
+    "runs/agent/tokenizer/tiktoken.model --steps 2400 --batch-size 4 --seq-len 448 "
     "--whole-documents --learning-rate 5e-3 --warmup-steps 30 --compute-dtype float32 --qat "
     "routed_experts --out runs/agent/run-qat --export runs/agent/qat-int4": _AGENT,
     "k2jax convert --to hf runs/agent/qat-int4 runs/agent/qat-int4-hf": _AGENT,
