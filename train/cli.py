@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                    "all: " + ",".join(PARAM_GROUPS)))
     parser.add_argument("--whole-documents", action="store_true", default=None,
                         help=_help("pad a row rather than split a document across two rows",
-                                   "off: rows are packed full"))
+                                   _default_text("whole_documents")))
     parser.add_argument("--resume", action="store_true",
                         help=_help("continue the run in --out from its newest checkpoint", "off"))
     parser.add_argument("--quiet", action="store_true",
