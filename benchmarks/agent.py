@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"{row['model']:<30} {100 * row['success']:>7.1f}% {row['tool_calls']:>6}  "
               + " ".join(f"{100 * row['by_kind'].get(k, 0):>10.0f}%" for k in kinds))
-    print(f"\ntraining ({args.steps} steps of {args.batch_size} x 448 tokens): QAT "
+    print(f"\ntraining ({args.steps} steps of {args.batch_size} x {pipeline.SEQ_LEN} tokens): QAT "
           f"{seconds['qat']:.0f} s, float {seconds['float']:.0f} s; final loss QAT "
           f"{curves['INT4 QAT'][-1][1]:.4f}, float {curves['float'][-1][1]:.4f}")
     print(f"loss curves: {figure or 'not plotted (pip install matplotlib)'}")

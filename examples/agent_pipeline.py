@@ -27,6 +27,7 @@ from examples import agent_tasks
 
 PRESET = "agent"
 QAT_GROUPS = ("routed_experts",)
+SEQ_LEN = 448  # the longest conversation (~410 tokens) fits one row
 
 
 K2JAX = [sys.executable, "-c", "import sys; from cli.command import main; sys.exit(main())"]
@@ -56,7 +57,7 @@ def prepare(directory: str, count: int, seed: int = 0) -> tuple[str, str]:
 
 
 def train_arguments(corpus: str, tokenizer: str, run_dir: str, export: str, *, qat: bool,
-                    steps: int, batch_size: int = 4, seq_len: int = 448,
+                    steps: int, batch_size: int = 4, seq_len: int = SEQ_LEN,
                     learning_rate: float = 5e-3, warmup_steps: int = 30) -> list[str]:
     """`k2jax train` arguments of one run (float32 compute: the CPU has no fast bf16)."""
     return ["train", "--preset", PRESET, "--data", corpus, "--tokenizer", tokenizer,
@@ -71,13 +72,11 @@ def quantize(source: str, destination: str, groups=QAT_GROUPS) -> None:
     """Post-training quantization: `source`'s `groups` rounded to INT4 (the export's own
     rounding), saved with its tokenizer as a new checkpoint."""
     import k2jax
-    from k2jax.text.tokenizer import TIKTOKEN_FILE_NAME
-    from train import qat
+    from train import data, qat
 
     config, params = k2jax.load(source)
     out_config, out_params = qat.export_params(params, config, groups, config.dtype)
-    k2jax.save(destination, out_config, out_params,
-               files=[os.path.join(source, TIKTOKEN_FILE_NAME)])
+    k2jax.save(destination, out_config, out_params, files=data.tokenizer_files(source))
 
 
 def round_trip(source: str, hub_dir: str, back: str, env=None,

@@ -19,9 +19,9 @@ import numpy as np
 
 from k2jax.config import ModelConfig
 
-# Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
 TENSORBOARD_DIR = "tensorboard"
 
+# Dense bf16 peak FLOP/s per device, by a substring of `jax.Device.device_kind`.
 PEAK_FLOPS = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L4", 121e12),
     ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
